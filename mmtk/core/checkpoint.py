@@ -1,0 +1,71 @@
+"""Checkpoints: atomic ``torch.save`` and safe loading (``weights_only=True``)."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from mmtk.core.errors import InputError
+from mmtk.core.io import atomic_path
+from mmtk.core.logging import get_logger
+
+log = get_logger(__name__)
+
+_STEP_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Save ``state`` (tensors, numbers, strings, lists, dicts) atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", expected_tool: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects.
+
+    When ``expected_tool`` is given, the checkpoint's ``"tool"`` entry must
+    match it, so a checkpoint of another tool is rejected with a clear error.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise InputError(f"cannot load checkpoint {path} (corrupt, truncated or not an mmtk checkpoint): {exc}") from exc
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {path} does not hold a state mapping; it is not an mmtk checkpoint.")
+    if expected_tool is not None and state.get("tool") != expected_tool:
+        raise InputError(f"checkpoint {path} was written by {state.get('tool')!r}, not by {expected_tool!r}. Pass a checkpoint of {expected_tool}.")
+    return state
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    """Return the file name used for the checkpoint at ``step``."""
+    return Path(folder) / f"ckpt-{step:09d}.pt"
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """Return the checkpoint with the highest step in ``folder``, if any."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_PATTERN.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints in ``folder``."""
+    folder = Path(folder)
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_PATTERN.match(p.name)))
+    for _, path in found[: max(0, len(found) - keep)]:
+        path.unlink(missing_ok=True)
+        log.debug("removed old checkpoint %s", path)

@@ -1,0 +1,1 @@
+"""Bundled YAML recipes, one folder per tool (installed as ``mmtk_recipes``)."""

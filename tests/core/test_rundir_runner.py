@@ -1,0 +1,105 @@
+"""Run folders, checkpoints and the CLI life cycle (exit codes, --json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mmtk.core.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from mmtk.core.errors import DataError, InputError
+from mmtk.core.rundir import RunDir
+from mmtk.core.runner import RunOptions, run_tool
+from mmtk.core.seeding import capture_rng_state, restore_rng_state
+
+
+@dataclass
+class Tiny:
+    seed: int = 0
+    device: str = "cpu"
+    fail: str = "none"
+
+
+def _tool(context):
+    if context.recipe.fail == "input":
+        raise DataError("bad data value 7")
+    if context.recipe.fail == "crash":
+        raise RuntimeError("boom")
+    context.start()
+    context.run.log_metrics({"step": 1, "loss": 0.5})
+    return {"seed": context.recipe.seed}
+
+
+def _run(tmp_path, out, *overrides, **options):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("seed: 1\n")
+    return run_tool("tiny", Tiny, recipe, list(overrides), RunOptions(out=out, **options), _tool)
+
+
+def test_run_writes_recipe_meta_metrics_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(tmp_path, out, json=True, seed=5) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["seed"] == 5
+    assert (out / "recipe.yaml").read_text().startswith("seed: 5")
+    assert json.loads((out / "meta.json").read_text())["tool"] == "tiny"
+    assert json.loads((out / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+    assert json.loads((out / "summary.json").read_text())["run_dir"] == str(out)
+
+
+def test_existing_run_is_kept_without_resume(tmp_path):
+    out = tmp_path / "run"
+    assert _run(tmp_path, out) == 0
+    before = (out / "summary.json").read_text()
+    assert _run(tmp_path, out) == 2
+    assert (out / "summary.json").read_text() == before
+    assert _run(tmp_path, out, resume=True) == 0
+
+
+def test_input_error_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    assert _run(tmp_path, out, "fail=input") == 2
+    assert not out.exists()
+    assert _run(tmp_path, out, "unknown=1") == 2
+    assert _run(tmp_path, out, "fail=crash") == 1
+
+
+def test_foreign_nonempty_folder_rejected(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not an mmtk run folder"):
+        RunDir(tmp_path / "mine", "tiny")
+
+
+def test_checkpoint_roundtrip_and_tool_check(tmp_path):
+    path = checkpoint_path(tmp_path, 20)
+    save_checkpoint(path, {"tool": "tiny", "step": 20, "w": torch.ones(2)})
+    save_checkpoint(checkpoint_path(tmp_path, 10), {"tool": "tiny", "step": 10})
+    assert latest_checkpoint(tmp_path) == path
+    assert load_checkpoint(path, expected_tool="tiny")["step"] == 20
+    with pytest.raises(InputError, match="written by 'tiny', not by 'other'"):
+        load_checkpoint(path, expected_tool="other")
+    prune_checkpoints(tmp_path, keep=1)
+    assert latest_checkpoint(tmp_path) == path
+    assert len(list(tmp_path.glob("ckpt-*.pt"))) == 1
+
+
+def test_corrupt_checkpoint_is_input_error(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+
+
+def test_rng_state_roundtrip_through_safe_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
