@@ -42,7 +42,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", expected_tool: 
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise InputError(f"cannot load checkpoint {path} (corrupt, truncated or not an mmtk checkpoint): {exc}") from exc
     if not isinstance(state, dict):
-        raise InputError(f"checkpoint {path} does not hold a state mapping; it is not an mmtk checkpoint.")
+        raise InputError(f"checkpoint {path} does not contain a state mapping, so it is not an mmtk checkpoint.")
     if expected_tool is not None and state.get("tool") != expected_tool:
         raise InputError(f"checkpoint {path} was written by {state.get('tool')!r}, not by {expected_tool!r}. Pass a checkpoint of {expected_tool}.")
     return state

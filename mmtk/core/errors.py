@@ -22,7 +22,7 @@ class RecipeError(InputError):
 
 
 class DataError(InputError):
-    """A data file is missing, unreadable, malformed or holds invalid values."""
+    """A data file is missing, unreadable, malformed or contains invalid values."""
 
 
 class StopRequested(MmtkError):

@@ -94,7 +94,7 @@ def read_datasets(
     with open_h5(path) as handle:
         attrs = {k: _decode(v) for k, v in handle.attrs.items()}
         if schema is not None and attrs.get("mmtk_schema") not in (None, schema):
-            raise DataError(f"{path} holds schema {attrs.get('mmtk_schema')!r}, expected {schema!r}. Use a file written for this tool.")
+            raise DataError(f"{path} has schema {attrs.get('mmtk_schema')!r}, expected {schema!r}. Use a file written for this tool.")
 
         arrays: dict[str, Any] = {}
         sizes: dict[str, tuple[int, str]] = {}

@@ -138,7 +138,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 node[key] = child
             if not isinstance(child, dict):
                 where = ".".join(keys[: depth + 1])
-                raise RecipeError(f"invalid override '{text}': recipe key '{where}' holds a value, not a section.")
+                raise RecipeError(f"invalid override '{text}': recipe key '{where}' is a value, not a section.")
             node = child
         node[keys[-1]] = value
     return result

@@ -81,7 +81,7 @@ class RunDir:
             raise InputError(f"--out {self.path} is a file, not a folder. Choose a folder path.")
         if not self.path.is_dir() or not any(self.path.iterdir()):
             if self.resume:
-                raise InputError(f"cannot resume: {self.path} holds no run. Drop --resume to start a new run there.")
+                raise InputError(f"cannot resume: {self.path} contains no run. Drop --resume to start a new run there.")
             return
 
         meta_path = self.path / "meta.json"
@@ -93,9 +93,9 @@ class RunDir:
             raise InputError(f"{meta_path} is unreadable ({exc}); choose a new --out folder.") from exc
 
         if meta.get("tool") != self.tool:
-            raise InputError(f"--out {self.path} holds a run of {meta.get('tool')!r}, not {self.tool!r}. Choose another folder.")
+            raise InputError(f"--out {self.path} contains a run of {meta.get('tool')!r}, not {self.tool!r}. Choose another folder.")
         if not self.resume:
-            raise InputError(f"--out {self.path} already holds a {self.tool} run. Pass --resume to continue it, or choose a new --out folder so that its results are kept.")
+            raise InputError(f"--out {self.path} already contains a {self.tool} run. Pass --resume to continue it, or choose a new --out folder so that its results are kept.")
 
     # -------------------------------------------------------------- writing
 

@@ -45,7 +45,7 @@ def test_shape_mismatch_between_named_axes(tmp_path):
 def test_nan_missing_dataset_and_wrong_schema(tmp_path):
     path = tmp_path / "d.h5"
     write_datasets(path, {"c": np.array([[np.nan, 1.0]]), "t": np.zeros(1), "names": ["A", "B"]}, schema="mmtk.other/1")
-    with pytest.raises(DataError, match="holds schema 'mmtk.other/1'"):
+    with pytest.raises(DataError, match="has schema 'mmtk.other/1'"):
         read_datasets(path, SPECS, schema="mmtk.test/1")
     with pytest.raises(DataError, match="1 NaN or infinite values"):
         read_datasets(path, SPECS)

@@ -87,7 +87,7 @@ def test_malformed_override(text):
 
 
 def test_override_into_scalar_rejected():
-    with pytest.raises(RecipeError, match="holds a value, not a section"):
+    with pytest.raises(RecipeError, match="is a value, not a section"):
         apply_overrides({"name": "a"}, ["name.sub=1"])
 
 
