@@ -1,0 +1,1 @@
+"""MMAR: continuous-token autoregressive image generation and understanding with a per-token diffusion head."""
