@@ -32,7 +32,7 @@ Minimal use inside a tool's ``main(context)``::
     task = RegressionTask(recipe)            # a TrainingTask subclass
     context.start()
     trainer = Trainer(task, recipe.train, context.run, seed=recipe.seed, device=recipe.device)
-    summary = trainer.fit()                  # trainer.model holds the trained weights
+    summary = trainer.fit()                  # trainer.model is the trained model
 """
 
 from __future__ import annotations
@@ -419,7 +419,8 @@ class Trainer:
     # -------------------------------------------------------- checkpoints
 
     def _model_and_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        assert self.model is not None and self.optimizer is not None
+        assert self.model is not None
+        assert self.optimizer is not None
         if self._uses_fsdp():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
@@ -459,7 +460,9 @@ class Trainer:
         return str(path)
 
     def _restore(self, path: str) -> None:
-        assert self.model is not None and self.optimizer is not None and self.schedule is not None
+        assert self.model is not None
+        assert self.optimizer is not None
+        assert self.schedule is not None
         state = load_checkpoint(path, map_location="cpu", expected_tool=self.run.tool)
         data = state.get("data", {})
         if data.get("batch_size") != self.config.batch_size or data.get("seed") != self.seed or data.get("shuffle", True) != self.config.shuffle:
@@ -485,7 +488,7 @@ class Trainer:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])
             else:
-                log.warning("checkpoint %s holds no EMA weights; the EMA restarts from the current weights", path)
+                log.warning("checkpoint %s contains no EMA weights; the EMA restarts from the current weights", path)
 
         self.step = int(state["step"])
         window = state.get("metric_window", {"sums": {}, "steps": 0})
@@ -523,7 +526,7 @@ class Trainer:
         self.run.log_metrics(record)
         return record
 
-    def _evaluate(self) -> dict[str, float] | None:
+    def _evaluate(self, write: bool = True) -> dict[str, float] | None:
         assert self.model is not None
         model = self.model
         use_ema = self.ema is not None and self.config.ema_eval
@@ -541,7 +544,8 @@ class Trainer:
         if result is None:
             return None
         record = {"step": self.step, **{f"eval/{key}": float(value) for key, value in result.items()}}
-        self.run.log_metrics(record)
+        if write:
+            self.run.log_metrics(record)
         log.info("evaluation at step %d: %s", self.step, ", ".join(f"{k}={v:.6g}" for k, v in result.items()))
         return {key: float(value) for key, value in result.items()}
 
@@ -606,7 +610,9 @@ class Trainer:
             raise MmtkError("Trainer.fit needs a started run folder: call context.start() (or RunDir.start) before fit (tool bug).")
 
         dataset = self._build()
-        assert self.schedule is not None and self.optimizer is not None and self.model is not None
+        assert self.schedule is not None
+        assert self.optimizer is not None
+        assert self.model is not None
 
         if self.run.resume:
             found = latest_checkpoint(self.run.checkpoints)
@@ -624,6 +630,8 @@ class Trainer:
         loader = DataLoader(
             SeededDataset(dataset), batch_sampler=sampler, collate_fn=self.task.collate,
             num_workers=c.num_workers, pin_memory=self.device.type == "cuda",
+            # The loader draws its worker base seed from this generator, not from the global RNG that was just restored.
+            generator=torch.Generator().manual_seed(self.seed),
         )
         batches = iter(loader)
 
@@ -672,7 +680,8 @@ class Trainer:
                     path = self.save() if self._last_checkpoint_step != self.step else self._last_checkpoint
                     raise StopRequested(f"stopped on {stop.signal_name or 'a signal on another rank'} at step {self.step}; checkpoint {path}. Continue with --resume.")
 
-        eval_result = self._evaluate()
+        # A resumed run that had already finished evaluates again without adding a duplicate record.
+        eval_result = self._evaluate(write=self.step > start_step)
         if self._last_checkpoint_step != self.step:
             self.save()
         elapsed = time.perf_counter() - started
