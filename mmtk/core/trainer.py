@@ -130,6 +130,10 @@ class TrainingTask:
     :meth:`training_step`. The rest have working defaults.
     """
 
+    #: 0-based index of the optimizer step in progress, set by the trainer
+    #: before each step (for curricula such as a mask-ratio change at a step).
+    global_step: int = 0
+
     def build_model(self) -> nn.Module:
         """Return the model, on the CPU and in float32.
 
@@ -187,6 +191,13 @@ class TrainingTask:
     def fsdp_modules(self, model: nn.Module) -> Sequence[nn.Module]:
         """Return submodules to shard as their own FSDP units (for example transformer blocks); default none."""
         return []
+
+
+def epochs_to_steps(epochs: float, dataset_size: int, batch_size: int) -> int:
+    """Return the optimizer steps in ``epochs`` passes over ``dataset_size`` samples (the last partial batch of each epoch is dropped)."""
+    if dataset_size < batch_size:
+        raise InputError(f"the data set has {dataset_size} samples, fewer than one global batch of {batch_size}; lower train.batch_size or add data.")
+    return max(1, round(epochs * (dataset_size // batch_size)))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -650,6 +661,7 @@ class Trainer:
             bar = progress.add_task("train", total=c.steps, completed=start_step, status="") if progress is not None else None
             while self.step < c.steps:
                 factor = self.schedule.set_step(self.step)
+                self.task.global_step = self.step
                 step_values: dict[str, torch.Tensor] = {}
                 for k in range(c.grad_accum):
                     values = self._micro_step(next(batches), sync=k == c.grad_accum - 1, scale=1.0 / c.grad_accum)
@@ -668,6 +680,8 @@ class Trainer:
                     record = self._flush_window(c.lr * factor, len(dataset))  # type: ignore[arg-type]
                     if progress is not None:
                         progress.update(bar, status=f"loss {record['loss']:.4g}")
+                    if self.dist.is_main and (progress is None or not progress.console.is_terminal):
+                        log.info("step %d/%d: %s", self.step, c.steps, ", ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "step"))
                 if progress is not None:
                     progress.update(bar, completed=self.step)
 

@@ -107,7 +107,7 @@ def test_crash_and_resume_is_bit_exact(tmp_path):
     # Dropout, per-sample noise, EMA, warm-up, accumulation and a half-filled metric window all cross the restart.
     uninterrupted, _ = _fit(tmp_path / "a", "train.grad_accum=2")
 
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated crash in optimizer step 6"):
         _fit(tmp_path / "b", "train.grad_accum=2", "crash_at_step=6")
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "ckpt-000000004.pt"
     assert [r["step"] for r in _records(tmp_path / "b")] == [3, 6]

@@ -17,7 +17,7 @@ from mmtk.core.ema import EMA
 from mmtk.core.errors import InputError, RecipeError
 from mmtk.core.optim import LRSchedule, default_parameter_groups, lr_factor
 from mmtk.core.recipe import build
-from mmtk.core.trainer import SeededDataset, StepBatchSampler, TrainConfig, move_to_device, sample_seed
+from mmtk.core.trainer import SeededDataset, StepBatchSampler, TrainConfig, epochs_to_steps, move_to_device, sample_seed
 
 _TASKS_PATH = Path(__file__).with_name("trainer_tasks.py")
 
@@ -252,3 +252,10 @@ def test_single_process_helpers():
     assert distributed.convert_sync_batchnorm(model, torch.device("cpu")) is model
     with pytest.raises(ValueError, match="median"):
         distributed.all_reduce_metrics({"a": 1.0}, op="median")
+
+
+def test_epochs_to_steps():
+    assert epochs_to_steps(3, dataset_size=100, batch_size=32) == 9
+    assert epochs_to_steps(0.5, dataset_size=100, batch_size=32) == 2
+    with pytest.raises(InputError, match="10 samples"):
+        epochs_to_steps(1, dataset_size=10, batch_size=32)

@@ -77,7 +77,6 @@ class TinyRecipe:
 class TinyTask(TrainingTask):
     def __init__(self, recipe: TinyRecipe) -> None:
         self.recipe = recipe
-        self.steps_seen = 0
 
     def build_model(self) -> nn.Module:
         return MLP(dropout=self.recipe.dropout)
@@ -86,9 +85,8 @@ class TinyTask(TrainingTask):
         return NoisyRegression()
 
     def training_step(self, model, batch):
-        if self.recipe.crash_at_step and self.steps_seen >= self.recipe.crash_at_step * self.recipe.train.grad_accum:
-            raise RuntimeError("simulated crash")
-        self.steps_seen += 1
+        if self.recipe.crash_at_step and self.global_step >= self.recipe.crash_at_step:
+            raise RuntimeError(f"simulated crash in optimizer step {self.global_step}")
         if self.recipe.step_sleep:
             time.sleep(self.recipe.step_sleep)
         loss = model(batch["x"], batch["y"])
