@@ -26,7 +26,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# EfficientNet-lite was trained on (pixel - 127) / 128 with pixels in [0, 255].
+# EfficientNet-lite inputs are (pixel - 127) / 128 with pixels in [0, 255], the
+# MEAN_RGB and STDDEV_RGB of TensorFlow's efficientnet_lite_builder.py.
 EFFICIENTNET_LITE_MEAN = (127.0 / 255.0,) * 3
 EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
 
@@ -93,11 +94,21 @@ def as_image_tensor(image: np.ndarray | torch.Tensor, name: str = "image") -> to
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """Convert ``uint8`` pixels in [0, 255] to float32 in [0, 1]; float input is only cast to float32."""
+    """Convert ``uint8`` pixels in [0, 255] to float32 in [0, 1]; float input is only cast to float32.
+
+    Float values outside [-0.05, 1.05] raise InputError, because they usually
+    mean images in [-1, 1] or [0, 255] that were passed as if in [0, 1].
+    """
     if images.dtype == torch.uint8:
         return images.to(torch.float32) / 255.0
     if not images.is_floating_point():
         raise InputError(f"images have dtype {images.dtype}; expected uint8 in [0, 255] or float in [0, 1].")
+    low, high = images.min().item(), images.max().item()
+    if low < -0.05 or high > 1.05:
+        raise InputError(
+            f"float images range over [{low:.3g}, {high:.3g}]; expected [0, 1]. "
+            "Map [-1, 1] images with (x + 1) / 2 and clamp to [0, 1], or pass uint8 pixels."
+        )
     return images.to(torch.float32)
 
 
@@ -110,7 +121,7 @@ def check_batch(images: torch.Tensor, name: str = "images") -> None:
     if images.shape[1] != 3:
         raise InputError(f"{name} has {images.shape[1]} channels (shape {tuple(images.shape)}); expected 3 RGB channels.")
     if images.is_floating_point() and not torch.isfinite(images).all():
-        raise InputError(f"{name} contain NaN or infinite values.")
+        raise InputError(f"NaN or infinite values found in {name}.")
 
 
 def resize(images: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear", antialias: bool = True) -> torch.Tensor:

@@ -80,6 +80,21 @@ def test_efficientnet_frechet_separates_photos(encoder):
     assert across > within
 
 
+def test_efficientnet_other_sizes_match_rebuilt_network(encoder):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # A network built for 192 x 320 inputs computes its own padding; the 224 network must agree.
+    reference = EfficientNet.from_name("efficientnet-lite0", image_size=(192, 320))
+    reference.load_state_dict(encoder.network.state_dict())
+    reference.eval()
+    pixels = torch.randn(1, 3, 192, 320, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = encoder(pixels)
+        expected = reference.extract_features(pixels)
+    assert out.feature_map.shape == (1, 1280, 6, 10)
+    assert torch.allclose(out.feature_map, expected, atol=1e-6)
+
+
 def test_efficientnet_rejects_one_channel(encoder):
     with pytest.raises(InputError, match="1 channels"):
         encoder(torch.zeros(1, 1, 224, 224))

@@ -33,6 +33,11 @@ def test_to_float_rejects_integer_dtype():
         to_float(torch.zeros(3, dtype=torch.int64))
 
 
+def test_to_float_rejects_minus_one_range():
+    with pytest.raises(InputError, match=r"\(x \+ 1\) / 2"):
+        to_float(torch.tensor([-1.0, 0.0, 1.0]))
+
+
 def test_center_crop_window():
     images = torch.arange(4 * 5, dtype=torch.float32).view(1, 1, 4, 5)
     cropped = center_crop(images, (2, 2))

@@ -1,10 +1,10 @@
 """CLIP vision transformer that loads Hugging Face CLIP vision weights.
 
-The network is the pre-norm ViT of CLIP: a patch convolution without bias, a
-learned class token and absolute position embeddings, a LayerNorm before the
-encoder, transformer blocks (LayerNorm, multi-head self-attention, LayerNorm,
-MLP) and a LayerNorm on the class token for the pooled output. An optional
-linear projection maps the pooled output into the joint image-text space.
+The network is the pre-norm ViT of CLIP. A patch convolution without bias,
+a learned class token and absolute position embeddings feed a LayerNorm and
+then the transformer blocks (LayerNorm, multi-head self-attention, LayerNorm,
+MLP). The pooled output is the class token after a final LayerNorm, and an
+optional linear projection maps it into the joint image-text space.
 
 :func:`load_clip_vision` reads a local Hugging Face directory (``config.json``
 plus ``model.safetensors`` or a sharded safetensors index) saved from
@@ -302,7 +302,7 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 def load_clip_vision(folder: str | Path, dtype: torch.dtype = torch.float32) -> ClipVisionTransformer:
     """Build a :class:`ClipVisionTransformer` from a local Hugging Face CLIP folder.
 
-    The folder holds ``config.json`` and the weights as ``*.safetensors``
+    The folder contains ``config.json`` and the weights as ``*.safetensors``
     (one file or shards with ``model.safetensors.index.json``). Parameters
     are cast to ``dtype``. The model is returned in eval mode. Raises
     InputError when the folder or files are missing and DataError naming the

@@ -29,8 +29,9 @@ log = get_logger(__name__)
 FEATURE_CHANNELS = 1280
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224
-# Total stride of the network; inputs must be a multiple of it so that the
-# package's padding, fixed when the model is built, equals TensorFlow "SAME".
+# Total stride of the network. The package fixes each convolution's padding
+# for 224 x 224 inputs, and that padding equals TensorFlow "SAME" padding for
+# any input whose sides are multiples of this stride.
 STRIDE = 32
 
 

@@ -28,7 +28,7 @@ def _as_feature_matrix(features: np.ndarray | torch.Tensor, name: str) -> np.nda
     if features.shape[0] < 2:
         raise InputError(f"{name} has {features.shape[0]} sample(s); a covariance needs at least 2.")
     if not np.isfinite(features).all():
-        raise InputError(f"{name} contain NaN or infinite values.")
+        raise InputError(f"NaN or infinite values found in {name}.")
     return features
 
 
