@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmtk.core.errors import DataError, InputError
-from mmtk.nn.vision import ClipVisionConfig, ClipVisionTransformer, load_clip_vision, patch_feature_map, read_clip_vision_config
+from mmtk.nn.vision import ClipVisionOutput, load_clip_vision, read_clip_vision_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,12 +99,26 @@ def test_clip_loads_full_clip_model(tmp_path):
 
 
 def test_patch_feature_map_layout():
-    model = ClipVisionTransformer(ClipVisionConfig(**TINY_VISION)).eval()
-    hidden = torch.arange(2 * 17 * 32, dtype=torch.float32).view(2, 17, 32)
-    feature_map = patch_feature_map(hidden, model.config)
-    assert feature_map.shape == (2, 32, 4, 4)
+    hidden = torch.arange(2 * 13 * 32, dtype=torch.float32).view(2, 13, 32)
+    output = ClipVisionOutput(last_hidden_state=hidden, pooled=hidden[:, 0], grid_size=(3, 4))
+    feature_map = output.patch_feature_map()
+    assert feature_map.shape == (2, 32, 3, 4)
     # Patch token 1 + (row * 4 + column) sits at (row, column).
     assert torch.equal(feature_map[1, :, 2, 3], hidden[1, 1 + 2 * 4 + 3])
+
+
+def test_clip_interpolated_positions_match_transformers(tiny_vision_folder):
+    folder, reference = tiny_vision_folder
+    model = load_clip_vision(folder)
+    pixels = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(7))
+
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, interpolate_pos_encoding=True)
+        output = model(pixels, interpolate_pos_encoding=True)
+
+    assert output.grid_size == (6, 5)
+    assert (output.last_hidden_state - expected.last_hidden_state).abs().max().item() < 1e-4
+    assert (output.pooled - expected.pooler_output).abs().max().item() < 1e-4
 
 
 def test_clip_missing_folder(tmp_path):
@@ -130,6 +144,20 @@ def test_clip_shape_mismatch_names_tensor(tiny_vision_folder, tmp_path):
     assert str(tmp_path) in str(error.value)
 
 
+def test_clip_missing_tensor(tiny_vision_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny_vision_folder
+    tensors = load_file(folder / "model.safetensors")
+    # transformers 4 writes a "vision_model." prefix and transformers 5 does not.
+    (key,) = [name for name in tensors if name.endswith("post_layernorm.weight")]
+    del tensors[key]
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(DataError, match=r"missing 1 vision parameters.*ln_post\.weight"):
+        load_clip_vision(tmp_path)
+
+
 def test_clip_corrupt_safetensors(tiny_vision_folder, tmp_path):
     folder, _ = tiny_vision_folder
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
@@ -143,6 +171,8 @@ def test_clip_rejects_wrong_image_size(tiny_vision_folder):
     model = load_clip_vision(folder)
     with pytest.raises(InputError, match="32x32"):
         model(torch.zeros(1, 3, 48, 48))
+    with pytest.raises(InputError, match="divisible by the patch size"):
+        model(torch.zeros(1, 3, 36, 32), interpolate_pos_encoding=True)
     with pytest.raises(InputError, match="shape"):
         model(torch.zeros(1, 1, 32, 32))
 

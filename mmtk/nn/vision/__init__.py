@@ -6,7 +6,6 @@ from mmtk.nn.vision.clip import (
     ClipVisionTransformer,
     load_clip_vision,
     map_hf_clip_vision_name,
-    patch_feature_map,
     read_clip_vision_config,
 )
 from mmtk.nn.vision.efficientnet import (
@@ -30,6 +29,5 @@ __all__ = [
     "gaussian_statistics",
     "load_clip_vision",
     "map_hf_clip_vision_name",
-    "patch_feature_map",
     "read_clip_vision_config",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +70,7 @@ class ClipVisionOutput:
     Attributes:
         last_hidden_state: (B, T, hidden_size) output of the last block, before the final LayerNorm.
         pooled: (B, hidden_size) class token after the final LayerNorm.
+        grid_size: (rows, columns) of the patch grid, so T = 1 + rows * columns.
         hidden_states: (num_hidden_layers + 1) tensors (B, T, hidden_size), the encoder input
             (after the pre-encoder LayerNorm) followed by each block's output; None unless requested.
         image_embeds: (B, projection_dim) projected pooled output; None without a projection.
@@ -77,8 +78,15 @@ class ClipVisionOutput:
 
     last_hidden_state: torch.Tensor
     pooled: torch.Tensor
+    grid_size: tuple[int, int]
     hidden_states: tuple[torch.Tensor, ...] | None = None
     image_embeds: torch.Tensor | None = None
+
+    def patch_feature_map(self) -> torch.Tensor:
+        """Arrange the patch tokens of ``last_hidden_state`` as a feature map (B, C, rows, columns)."""
+        patches = self.last_hidden_state[:, 1:]  # (B, P, C), class token removed
+        rows, columns = self.grid_size
+        return patches.transpose(1, 2).reshape(patches.shape[0], -1, rows, columns)  # (B, C, rows, columns)
 
 
 def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -162,22 +170,33 @@ class ClipVisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.projection = nn.Linear(width, config.projection_dim, bias=False) if config.projection_dim else None
 
-    def forward(self, pixels: torch.Tensor, output_hidden_states: bool = False) -> ClipVisionOutput:
+    def forward(self, pixels: torch.Tensor, output_hidden_states: bool = False, interpolate_pos_encoding: bool = False) -> ClipVisionOutput:
+        """Encode normalised pixels (B, 3, H, W).
+
+        H and W must equal ``config.image_size`` unless ``interpolate_pos_encoding``
+        is set. Then any sides divisible by the patch size are accepted and
+        the grid of patch position embeddings is resized bicubically to the
+        input's patch grid, as transformers does.
+        """
         config = self.config
         if pixels.ndim != 4 or pixels.shape[1] != config.num_channels:
             raise InputError(f"pixels have shape {tuple(pixels.shape)}; expected (B, {config.num_channels}, {config.image_size}, {config.image_size}).")
-        if tuple(pixels.shape[-2:]) != (config.image_size, config.image_size):
+        height, width = pixels.shape[-2:]
+        if not interpolate_pos_encoding and (height, width) != (config.image_size, config.image_size):
             raise InputError(
-                f"pixels are {pixels.shape[-2]}x{pixels.shape[-1]}; this model takes {config.image_size}x{config.image_size}. "
-                "Resize the images first."
+                f"pixels are {height}x{width}; this model takes {config.image_size}x{config.image_size}. "
+                "Resize the images first, or pass interpolate_pos_encoding=True."
             )
+        if height % config.patch_size or width % config.patch_size:
+            raise InputError(f"pixels are {height}x{width}; both sides must be divisible by the patch size {config.patch_size}.")
         batch = pixels.shape[0]
+        grid_size = (height // config.patch_size, width // config.patch_size)
 
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # (B, C, S/p, S/p)
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # (B, C, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, P, C)
         class_token = self.class_token.view(1, 1, -1).expand(batch, 1, -1)  # (B, 1, C)
         x = torch.cat([class_token, x], dim=1)  # (B, T, C), T = P + 1
-        x = x + self.position_embedding  # (B, T, C)
+        x = x + self._position_embedding(grid_size)  # (B, T, C)
         x = self.ln_pre(x)
 
         hidden_states = [x] if output_hidden_states else None
@@ -191,9 +210,24 @@ class ClipVisionTransformer(nn.Module):
         return ClipVisionOutput(
             last_hidden_state=x,
             pooled=pooled,
+            grid_size=grid_size,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
             image_embeds=image_embeds,
         )
+
+    def _position_embedding(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings (T, C) for a patch grid of ``grid_size`` = (rows, columns)."""
+        trained_side = self.config.image_size // self.config.patch_size
+        if grid_size == (trained_side, trained_side):
+            return self.position_embedding
+
+        class_position = self.position_embedding[:1]  # (1, C)
+        patch_positions = self.position_embedding[1:]  # (P, C)
+        width = patch_positions.shape[-1]
+        patch_positions = patch_positions.reshape(1, trained_side, trained_side, width).permute(0, 3, 1, 2)  # (1, C, s, s)
+        patch_positions = F.interpolate(patch_positions, size=grid_size, mode="bicubic", align_corners=False)  # (1, C, rows, columns)
+        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(-1, width)  # (rows * columns, C)
+        return torch.cat([class_position, patch_positions], dim=0)  # (T, C)
 
 
 # Entries of a full CLIPModel checkpoint that the vision tower does not use.
@@ -320,13 +354,16 @@ def load_clip_vision(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
             state[name] = tensor
             source_names[name] = hf_name
     if "projection.weight" not in state and config.projection_dim is not None:
-        config = ClipVisionConfig(**{**config.__dict__, "projection_dim": None})
+        config = replace(config, projection_dim=None)
 
     model = ClipVisionTransformer(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise DataError(f"CLIP weights in {folder} lack {len(missing)} vision parameters, e.g. {missing[:3]}; is this a CLIP checkpoint?")
+        raise DataError(
+            f"CLIP weights in {folder} are missing {len(missing)} vision parameters (first: {missing[:3]}). "
+            "Pass a folder saved from CLIPVisionModel, CLIPVisionModelWithProjection or CLIPModel."
+        )
     for name in sorted(state):
         tensor = state[name]
         if tuple(tensor.shape) != tuple(expected[name].shape):
@@ -340,10 +377,3 @@ def load_clip_vision(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
     parameter_count = sum(p.numel() for p in model.parameters())
     log.info("loaded CLIP vision transformer from %s: %d layers, width %d, %.1fM parameters", folder, config.num_hidden_layers, config.hidden_size, parameter_count / 1e6)
     return model
-
-
-def patch_feature_map(last_hidden_state: torch.Tensor, config: ClipVisionConfig) -> torch.Tensor:
-    """Arrange the patch tokens of (B, T, C) hidden states as a feature map (B, C, S/p, S/p)."""
-    grid = config.image_size // config.patch_size
-    patches = last_hidden_state[:, 1:]  # (B, P, C), class token removed
-    return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid, grid)  # (B, C, grid, grid)
