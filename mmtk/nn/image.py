@@ -216,11 +216,14 @@ class ImagePreprocessor:
 
         ``images`` is a (B, 3, H, W) tensor or a sequence of images of any
         sizes, each a (H, W, 3) array or a (3, H, W) tensor, ``uint8`` in
-        [0, 255] or float in [0, 1].
+        [0, 255] or float in [0, 1]. A single image array or tensor gives a
+        batch of one.
         """
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             check_batch(images)
             return self._transform(to_float(images))
+        if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim in (2, 3):
+            images = [images]  # one image, not a sequence of rows or channels
 
         if len(images) == 0:
             raise InputError("no images to preprocess; pass at least one image.")

@@ -130,4 +130,7 @@ def test_efficientnet_accepts_float_images(encoder):
     photo = load_offline_photo("coffee")
     from_uint8 = encoder.encode([photo]).pooled
     from_float = encoder.encode([photo.astype(np.float32) / 255.0]).pooled
+    single = encoder.encode(photo).pooled
     assert torch.allclose(from_uint8, from_float, atol=1e-4)
+    assert single.shape == (1, 1280)
+    assert torch.allclose(single, from_uint8)

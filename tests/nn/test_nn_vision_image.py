@@ -113,6 +113,15 @@ def test_preprocessor_batches_mixed_sizes():
     assert torch.allclose(batch[1], ((1.0 - mean) / std).expand(3, 8, 8))
 
 
+def test_preprocessor_single_image_is_batch_of_one():
+    preprocess = ImagePreprocessor(size=4)
+    array = np.full((6, 10, 3), 255, dtype=np.uint8)
+    from_array = preprocess(array)
+    from_tensor = preprocess(torch.from_numpy(array).permute(2, 0, 1))
+    assert from_array.shape == (1, 3, 4, 4)
+    assert torch.equal(from_array, from_tensor)
+
+
 def test_preprocessor_rejects_four_channels():
     with pytest.raises(InputError, match="image 0 has shape"):
         ImagePreprocessor()([np.zeros((10, 10, 4), np.uint8)])

@@ -143,10 +143,13 @@ class EfficientNetLite0(nn.Module):
 
         ``images`` is a (B, 3, H, W) tensor or a sequence of (H, W, 3) arrays or
         (3, H, W) tensors of any sizes, ``uint8`` in [0, 255] or float in [0, 1].
-        Outputs are on the encoder's device.
+        A single image array or tensor gives a batch of one. Outputs are on
+        the encoder's device.
         """
         if batch_size < 1:
             raise InputError(f"batch_size {batch_size} must be at least 1.")
+        if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim in (2, 3):
+            images = [images]  # one image, not a sequence of rows or channels
         device = next(self.parameters()).device
         outputs = []
         for start in range(0, len(images), batch_size):
