@@ -194,8 +194,9 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     model = model_from_state_dict(config, state, path, device, dtype)
 
     tokenizer = None
-    if metadata.get("tokenizer.ggml.model") == "gpt2":
+    tokenizer_model = metadata.get("tokenizer.ggml.model")
+    if tokenizer_model == "gpt2":
         tokenizer = Tokenizer.from_gguf_metadata(metadata, path)
-    else:
-        log.warning("%s: tokenizer model %r is not supported, so the model loads without a tokenizer", path, metadata.get("tokenizer.ggml.model"))
+    elif tokenizer_model is not None:
+        log.warning("%s: tokenizer model %r is not supported, so the model loads without a tokenizer", path, tokenizer_model)
     return model, tokenizer
