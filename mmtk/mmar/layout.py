@@ -47,6 +47,10 @@ class SequenceBatch:
     def num_image_tokens(self) -> int:
         return int((self.kinds[0] == IMAGE).sum())
 
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        """Return a copy with every tensor on ``device``."""
+        return SequenceBatch(self.kinds.to(device), self.text_ids.to(device), self.image_start.to(device), self.targets.to(device), list(self.tasks))
+
     def image_positions(self) -> torch.Tensor:
         """Return (B, N) indices of the image positions, in token order."""
         n = self.num_image_tokens

@@ -1,0 +1,146 @@
+"""Sampling from a trained MMAR model: masked-autoregressive image generation and captioning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmtk.mmar.layout import IGNORE_INDEX, SequenceBatch, build_sequences
+from mmtk.mmar.model import MMAR
+from mmtk.mmar.tokens import mask_by_order, masked_counts, random_orders
+
+
+@dataclass
+class GenerationSettings:
+    """Settings of text-to-image sampling.
+
+    Attributes:
+        num_iterations: masked-autoregressive iterations K_iter (1..N).
+        num_sampling_steps: diffusion steps K per head call.
+        cfg_scale: classifier-free guidance scale w (1 disables guidance).
+        cfg_schedule: "linear" ramps the scale as 1 + (w - 1) * revealed / N;
+            "constant" uses w at every iteration.
+        temperature: multiplies the std of the noise injected by the sampler.
+        eta: 1 for ancestral DDPM steps (MAR's choice), 0 for DDIM.
+    """
+
+    num_iterations: int = 16
+    num_sampling_steps: int = 50
+    cfg_scale: float = 1.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    eta: float = 1.0
+
+
+@torch.no_grad()
+def generate_tokens(model: MMAR, captions: list[list[int]], bos_id: int, eos_id: int, settings: GenerationSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Generate image tokens (B, N, D) for caption ids (without BOS/EOS).
+
+    Starts fully masked in a random order per image. Iteration k keeps
+    ``masked_counts(N, K)[k]`` tokens masked and samples the newly revealed
+    ones with the diffusion head, conditioned on the decoder's hidden states
+    for the caption and the tokens revealed so far.
+    """
+    config = model.config
+    device = model.diffusion_pos_embed.device
+    batch = len(captions)
+    n, d = config.num_image_tokens, config.token_dim
+    guided = settings.cfg_scale != 1.0
+
+    tasks = ["t2i"] * batch
+    texts = list(captions)
+    if guided:
+        tasks += ["t2i"] * batch
+        texts += [[] for _ in range(batch)]  # the unconditional prompt: BOS only
+    sequences = build_sequences(tasks, texts, n, bos_id, eos_id).to(device)
+
+    tokens = torch.zeros(batch, n, d, device=device)
+    mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+    orders = random_orders(batch, n, generator).to(device)
+    for iteration, remaining in enumerate(masked_counts(n, settings.num_iterations)):
+        both_tokens = torch.cat([tokens, tokens]) if guided else tokens
+        both_mask = torch.cat([mask, mask]) if guided else mask
+        hidden = model.hidden_states(sequences, both_tokens, both_mask)
+        z = model.image_conditions(sequences, hidden)  # (B or 2B, N, H)
+
+        next_mask = mask_by_order(torch.full((batch,), remaining, device=device), orders)
+        reveal = mask & ~next_mask  # (B, N)
+        z_cond = z[:batch][reveal]  # (R, H)
+        z_uncond = z[batch:][reveal] if guided else None
+        if settings.cfg_schedule == "linear":
+            scale = 1.0 + (settings.cfg_scale - 1.0) * (n - remaining) / n
+        else:
+            scale = settings.cfg_scale
+        sampled = model.diffusion.sample(
+            z_cond.float(), z_uncond.float() if z_uncond is not None else None, cfg_scale=scale,
+            num_sampling_steps=settings.num_sampling_steps, temperature=settings.temperature, eta=settings.eta, generator=generator,
+        )  # (R, D)
+        tokens = tokens.clone()
+        tokens[reveal] = sampled.to(tokens.dtype)
+        mask = next_mask
+    return tokens
+
+
+@torch.no_grad()
+def teacher_forced_completion_error(model: MMAR, captions: list[list[int]], tokens: torch.Tensor, bos_id: int, eos_id: int, settings: GenerationSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return the per-iteration mean squared error of tokens sampled with the true tokens revealed so far.
+
+    At iteration k the model sees the true tokens at the already revealed
+    positions and samples the newly revealed ones; the error against the
+    true tokens shows where a model has not learned to fill the last tokens.
+    Returns a (K,) tensor.
+    """
+    config = model.config
+    device = tokens.device
+    batch, n = tokens.shape[:2]
+    sequences = build_sequences(["t2i"] * batch, captions, n, bos_id, eos_id).to(device)
+    mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+    orders = random_orders(batch, n, generator).to(device)
+    errors = []
+    for remaining in masked_counts(config.num_image_tokens, settings.num_iterations):
+        hidden = model.hidden_states(sequences, tokens, mask)
+        z = model.image_conditions(sequences, hidden)
+        next_mask = mask_by_order(torch.full((batch,), remaining, device=device), orders)
+        reveal = mask & ~next_mask
+        sampled = model.diffusion.sample(z[reveal].float(), num_sampling_steps=settings.num_sampling_steps, temperature=settings.temperature, eta=settings.eta, generator=generator)
+        errors.append(((sampled - tokens[reveal].float()) ** 2).mean())
+        mask = next_mask
+    return torch.stack(errors)
+
+
+@torch.no_grad()
+def caption_tokens(model: MMAR, tokens: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int = 24, temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Caption images from their clean tokens (B, N, D); returns caption ids without EOS.
+
+    Greedy when ``temperature`` is 0. Each new token reruns the decoder on
+    ``[BOI, image, EOI, caption so far]``, so the image span keeps its
+    bidirectional attention.
+    """
+    from mmtk.nn.llm import sample_next_token
+
+    device = tokens.device
+    batch, n = tokens.shape[:2]
+    captions: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    no_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        sequences = build_sequences(["i2t"] * batch, captions, n, bos_id, eos_id)
+        # The layout appends EOS; drop it so the last position is the newest caption token (or EOI).
+        length = sequences.kinds.shape[1] - 1
+        sequences = SequenceBatch(
+            sequences.kinds[:, :length], sequences.text_ids[:, :length], sequences.image_start, torch.full((batch, length), IGNORE_INDEX), sequences.tasks,
+        ).to(device)
+        hidden = model.hidden_states(sequences, tokens, no_mask)
+        logits = model.backbone.lm_head(hidden[:, -1]).float()  # (B, V)
+        next_ids = sample_next_token(logits, temperature, 1.0, generator).tolist()
+        for b, token in enumerate(next_ids):
+            if finished[b]:
+                continue
+            if token == eos_id:
+                finished[b] = True
+            else:
+                captions[b].append(int(token))
+        if all(finished):
+            break
+    return captions
