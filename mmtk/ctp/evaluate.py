@@ -1,0 +1,354 @@
+"""``mmtk ctp-evaluate``: judge a video backbone by fine-tuning, a linear probe and clip retrieval.
+
+Each protocol runs once per initialisation in ``inits``: ``pretrained``
+(weights from a ``ctp-pretrain`` ``backbone.pt``) and ``random`` (the same
+architecture, freshly initialised), so the two can be compared in one run.
+
+- Fine-tuning: backbone (fine-tuning strides), global average pool, dropout,
+  linear classifier, trained with the shared trainer; tested with
+  ``view.test_clips`` uniformly spaced clips per video whose softmax scores
+  are averaged; top-1 and top-5 accuracy.
+- Linear probe: frozen backbone, 512-d pooled features averaged over the
+  test clips and L2-normalised; multinomial logistic regression (L-BFGS,
+  L2 penalty) on the train split; top-1 and top-5 on the test split.
+- Retrieval: the same features; each test video queries the train videos
+  by cosine similarity; Recall@k is the fraction of queries with a
+  same-class video among the top k.
+
+Accuracies at k >= the number of classes are 1 by construction.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtk.core import distributed
+from mmtk.core.checkpoint import load_checkpoint
+from mmtk.core.errors import InputError
+from mmtk.core.logging import get_logger
+from mmtk.core.recipe import build, param
+from mmtk.core.rundir import RunDir
+from mmtk.core.runner import RunContext
+from mmtk.core.seeding import seed_everything
+from mmtk.core.trainer import Trainer, TrainConfig, TrainingTask
+from mmtk.ctp.backbones import FINETUNE_STRIDES, BackboneConfig, VideoResNet
+from mmtk.ctp.data import ClipViewConfig, LabelledClips, VideoDataConfig, open_cache, probe_records, read_records
+from mmtk.ctp.pretrain import BACKBONE_FORMAT
+from mmtk.ctp.pretrain import TOOL as PRETRAIN_TOOL
+from mmtk.ctp.video import ClipCache
+
+log = get_logger(__name__)
+
+TOOL = "ctp-evaluate"
+
+
+def _finetune_train_config() -> TrainConfig:
+    return TrainConfig(steps=150 * 300, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, grad_clip=40.0, schedule="step", milestones=[60 * 300, 120 * 300], log_every=20, checkpoint_every=1000)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning for action classification."""
+
+    dropout: float = param(0.5, min=0, max=1, help="dropout before the classifier")
+    train: TrainConfig = field(default_factory=_finetune_train_config)
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe and retrieval on frozen features."""
+
+    l2: float = param(1e-3, min=0, help="L2 penalty of the logistic regression (on the weights, per sample)")
+    max_iter: int = param(200, min=1, help="L-BFGS iterations of the logistic regression")
+    recall_at: list[int] = param(default_factory=lambda: [1, 5, 10], help="k values of Recall@k")
+    batch_size: int = param(4, min=1, help="videos per forward pass when extracting features")
+
+
+@dataclass
+class EvaluateRecipe:
+    """Recipe of ``mmtk ctp-evaluate``."""
+
+    seed: int = param(0, help="random seed")
+    device: str = param("auto", help="torch device: auto, cpu, cuda or cuda:N")
+    checkpoint: Optional[Path] = param(None, help="backbone.pt written by ctp-pretrain; required when inits includes 'pretrained'")
+    inits: list[Literal["pretrained", "random"]] = param(default_factory=lambda: ["pretrained", "random"], help="backbone initialisations to evaluate")
+    protocols: list[Literal["finetune", "linear_probe", "retrieval"]] = param(default_factory=lambda: ["finetune", "linear_probe", "retrieval"], help="evaluations to run")
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: VideoDataConfig = field(default_factory=lambda: VideoDataConfig(layout="ucf101"))
+    view: ClipViewConfig = field(default_factory=ClipViewConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.inits:
+            raise ValueError("'inits' must name at least one of pretrained, random")
+        if not self.protocols:
+            raise ValueError("'protocols' must name at least one of finetune, linear_probe, retrieval")
+
+
+# ----------------------------------------------------------------- models
+
+
+def load_pretrained_backbone(path: Path) -> tuple[BackboneConfig, dict[str, torch.Tensor]]:
+    """Read a ``backbone.pt`` of ctp-pretrain: (architecture, state dict). Raises InputError for other files."""
+    state = load_checkpoint(path, expected_tool=PRETRAIN_TOOL)
+    if state.get("format") != BACKBONE_FORMAT or "state_dict" not in state or "backbone" not in state:
+        raise InputError(f"{path} is a ctp-pretrain checkpoint but not a backbone file; pass the run's backbone.pt, not a file from checkpoints/.")
+    try:
+        config = build(BackboneConfig, state["backbone"], "backbone")
+    except InputError as exc:
+        raise InputError(f"{path} describes an invalid backbone: {exc}") from exc
+    return config, state["state_dict"]
+
+
+class ClipClassifier(nn.Module):
+    """Backbone, global average pool, dropout and a linear layer: clip [B, 3, T, H, W] -> logits [B, classes]."""
+
+    def __init__(self, backbone: VideoResNet, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(backbone.out_channels, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.001)
+        nn.init.zeros_(self.fc.bias)
+
+    def features(self, clip: torch.Tensor) -> torch.Tensor:
+        """Return pooled features [B, C]."""
+        return self.backbone(clip).mean(dim=(2, 3, 4))
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(clip)))
+
+
+def make_backbone(config: BackboneConfig, state_dict: dict[str, torch.Tensor] | None) -> VideoResNet:
+    """Build a fine-tuning-stride backbone, loading ``state_dict`` when given."""
+    backbone = VideoResNet(config, FINETUNE_STRIDES)
+    if state_dict is not None:
+        backbone.load_state_dict(state_dict)
+    return backbone
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Return the fraction of rows of ``scores`` [N, classes] whose top ``k`` contains the label."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices  # [N, k]
+    return float((top == labels[:, None]).any(dim=1).float().mean())
+
+
+def recall_at_k(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, ks: list[int]) -> dict[str, float]:
+    """Return Recall@k of cosine-similarity retrieval (L2-normalised features [N, D] and [M, D])."""
+    similarity = query @ gallery.T  # [N, M]
+    order = similarity.argsort(dim=1, descending=True)
+    hits = gallery_labels[order] == query_labels[:, None]  # [N, M]
+    return {f"R@{k}": float(hits[:, : min(k, hits.shape[1])].any(dim=1).float().mean()) for k in ks}
+
+
+def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, max_iter: int) -> nn.Linear:
+    """Fit multinomial logistic regression on features [N, D] with L-BFGS; returns the linear layer."""
+    model = nn.Linear(features.shape[1], num_classes).double()
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    x = features.double()
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), labels) + l2 * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+# ------------------------------------------------------------ fine-tuning
+
+
+class FinetuneTask(TrainingTask):
+    """Action classification fine-tuning as a :class:`TrainingTask`."""
+
+    def __init__(self, backbone_config: BackboneConfig, state_dict: dict[str, torch.Tensor] | None, num_classes: int, dropout: float, train_set: LabelledClips) -> None:
+        self.backbone_config = backbone_config
+        self.state_dict = state_dict
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.train_set = train_set
+
+    def build_model(self) -> nn.Module:
+        from mmtk.ctp.backbones import maybe_sync_batchnorm
+
+        return maybe_sync_batchnorm(ClipClassifier(make_backbone(self.backbone_config, self.state_dict), self.num_classes, self.dropout))
+
+    def train_dataset(self) -> LabelledClips:
+        return self.train_set
+
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Mapping[str, Any]]:
+        logits = model(batch["clip"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        accuracy = (logits.argmax(dim=1) == batch["label"]).float().mean()
+        return loss, {"accuracy": accuracy}
+
+
+@torch.no_grad()
+def multi_clip_outputs(model: ClipClassifier, dataset: LabelledClips, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run every test-mode item: returns (mean softmax scores [N, classes], mean features [N, C], labels [N])."""
+    model.eval()
+    scores, features, labels = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        clips = torch.stack([item["clip"] for item in items]).to(device)  # [B, K, 3, T, S, S]
+        batch, clips_per_video = clips.shape[:2]
+        pooled = model.features(clips.flatten(0, 1)).view(batch, clips_per_video, -1)  # [B, K, C]
+        scores.append(model.fc(pooled).softmax(dim=-1).mean(dim=1).cpu())
+        features.append(pooled.mean(dim=1).cpu())
+        labels.extend(int(item["label"]) for item in items)
+    return torch.cat(scores), torch.cat(features), torch.tensor(labels)
+
+
+# -------------------------------------------------------------------- run
+
+
+@dataclass
+class EvaluationData:
+    """Validated input: records of both splits, class names and where the videos are."""
+
+    train_records: list
+    test_records: list
+    classes: list[str]
+    smoke: bool
+
+
+def prepare_data(recipe: EvaluateRecipe, smoke_root: Path) -> EvaluationData:
+    """List and probe the labelled videos; for ``data.root=null`` build the smoke data set under ``smoke_root``."""
+    config = recipe.data
+    smoke = config.root is None
+    if smoke:
+        from mmtk.ctp.smoke import build_smoke_dataset
+
+        video_root, split_root = build_smoke_dataset(smoke_root)
+        config = VideoDataConfig(root=video_root, layout="ucf101", splits=split_root, split=1, cache=config.cache)
+        recipe.data = config
+    if config.layout == "folder":
+        raise InputError("ctp-evaluate needs labelled videos: set data.layout to ucf101 or hmdb51 and data.splits to the split lists.")
+    span = recipe.view.num_frames
+    train_records, classes = read_records(config, config.root, "train")
+    test_records, _ = read_records(config, config.root, "test")
+    probe_records(train_records, span)
+    probe_records(test_records, span)
+    return EvaluationData(train_records, test_records, classes, smoke)
+
+
+def run(context: RunContext) -> dict[str, Any]:
+    """Validate, then run each protocol for each initialisation and write the summary."""
+    recipe: EvaluateRecipe = context.recipe
+    if "pretrained" in recipe.inits and recipe.checkpoint is None:
+        raise InputError("inits includes 'pretrained' but checkpoint is not set. Pass checkpoint=<ctp-pretrain run>/backbone.pt, or inits=[random].")
+    pretrained = load_pretrained_backbone(recipe.checkpoint) if recipe.checkpoint is not None else None
+    backbone_config = pretrained[0] if pretrained is not None else recipe.backbone
+
+    # The smoke data set is built in a temporary folder first, so that a rejected run writes nothing.
+    staging = Path(tempfile.mkdtemp(prefix="mmtk-ctp-smoke-"))
+    try:
+        data = prepare_data(recipe, staging / "smoke-data")
+        context.start()
+        if data.smoke:
+            final = context.run.file("smoke-data")
+            shutil.move(str(staging / "smoke-data"), final)
+            recipe.data = VideoDataConfig(root=final / "videos", layout="ucf101", splits=final / "splits", split=1, cache=recipe.data.cache)
+            data = prepare_data(recipe, final)
+            data.smoke = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    cache_dir = context.run.path
+    train_cache = open_cache(recipe.data.cache or cache_dir / "clip-cache-train.h5", data.train_records, recipe.view.cache_short_side)
+    test_cache = open_cache(_sibling(recipe.data.cache, "test") if recipe.data.cache else cache_dir / "clip-cache-test.h5", data.test_records, recipe.view.cache_short_side)
+    train_labels = [r.label for r in data.train_records]
+    test_labels = [r.label for r in data.test_records]
+    num_classes = len(data.classes)
+    device = distributed.resolve_device(recipe.device)
+
+    results: dict[str, dict[str, Any]] = {}
+    for init in recipe.inits:
+        state_dict = pretrained[1] if init == "pretrained" and pretrained is not None else None
+        results[init] = {}
+        if "linear_probe" in recipe.protocols or "retrieval" in recipe.protocols:
+            results[init].update(_frozen_protocols(recipe, backbone_config, state_dict, train_cache, test_cache, train_labels, test_labels, num_classes, device))
+        if "finetune" in recipe.protocols:
+            results[init]["finetune"] = _finetune(context, recipe, init, backbone_config, state_dict, train_cache, test_cache, train_labels, test_labels, num_classes, device)
+
+    summary = {
+        "classes": num_classes,
+        "train_videos": len(data.train_records),
+        "test_videos": len(data.test_records),
+        "smoke_data_set": data.smoke,
+        "backbone": {"arch": backbone_config.arch, "depth": backbone_config.depth, "widths": backbone_config.widths},
+        "checkpoint": str(recipe.checkpoint) if recipe.checkpoint else None,
+        "results": results,
+    }
+    _print_results(context, summary)
+    return summary
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(f"{path.stem}-{suffix}{path.suffix}")
+
+
+def _frozen_protocols(recipe, backbone_config, state_dict, train_cache: ClipCache, test_cache: ClipCache, train_labels, test_labels, num_classes, device) -> dict[str, Any]:
+    seed_everything(recipe.seed)
+    model = ClipClassifier(make_backbone(backbone_config, state_dict), num_classes, 0.0).to(device)
+    _, train_features, train_y = multi_clip_outputs(model, LabelledClips(train_cache, train_labels, recipe.view, "test"), recipe.probe.batch_size, device)
+    _, test_features, test_y = multi_clip_outputs(model, LabelledClips(test_cache, test_labels, recipe.view, "test"), recipe.probe.batch_size, device)
+    train_features = F.normalize(train_features.double(), dim=1)
+    test_features = F.normalize(test_features.double(), dim=1)
+
+    output: dict[str, Any] = {}
+    if "linear_probe" in recipe.protocols:
+        classifier = fit_logistic_regression(train_features, train_y, num_classes, recipe.probe.l2, recipe.probe.max_iter)
+        with torch.no_grad():
+            scores = classifier(test_features)
+        output["linear_probe"] = {"top1": topk_accuracy(scores, test_y, 1), "top5": topk_accuracy(scores, test_y, 5)}
+    if "retrieval" in recipe.protocols:
+        output["retrieval"] = recall_at_k(test_features, test_y, train_features, train_y, recipe.probe.recall_at)
+    return output
+
+
+def _finetune(context, recipe, init, backbone_config, state_dict, train_cache, test_cache, train_labels, test_labels, num_classes, device) -> dict[str, Any]:
+    train_config = recipe.finetune.train
+    train_set = LabelledClips(train_cache, train_labels, recipe.view, "train")
+    if len(train_set) < train_config.batch_size:
+        raise InputError(f"the train split has {len(train_set)} videos, fewer than finetune.train.batch_size={train_config.batch_size}; lower the batch size.")
+    task = FinetuneTask(backbone_config, state_dict, num_classes, recipe.finetune.dropout, train_set)
+    sub_run = RunDir(context.run.file(f"finetune-{init}"), TOOL, resume=False)
+    sub_run.start(recipe)
+    try:
+        trainer = Trainer(task, train_config, sub_run, seed=recipe.seed, device=device, console=context.console)
+        fit = trainer.fit()
+    finally:
+        sub_run.close()
+    model = trainer.model
+    scores, _, labels = multi_clip_outputs(model, LabelledClips(test_cache, test_labels, recipe.view, "test"), recipe.probe.batch_size, device)
+    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5), "steps": fit["steps"], "final_train_loss": fit["loss"], "run_dir": str(sub_run.path)}
+
+
+def _print_results(context: RunContext, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table("init", "protocol", "metric", "value", title=f"ctp-evaluate ({summary['classes']} classes{', smoke data set' if summary['smoke_data_set'] else ''})")
+    for init, protocols in summary["results"].items():
+        for protocol, metrics in protocols.items():
+            for name, value in metrics.items():
+                if isinstance(value, float):
+                    table.add_row(init, protocol, name, f"{value:.4f}")
+    context.console.print(table)
