@@ -217,14 +217,25 @@ def normalise_caption(caption: str) -> str:
 
 
 def load_base_tokenizer(source: str) -> Any:
-    """Load the text tokenizer: ``"bundled"`` for SmolLM2-135M's, or a Hugging Face-format folder."""
+    """Load the text tokenizer: ``"bundled"`` for SmolLM2-135M's, a ``.gguf`` file, or a Hugging Face-format folder.
+
+    The bundled tokenizer comes from the converted SmolLM2 folder in the mmtk
+    cache (converted once, on first use).
+    """
+    from mmtk.nn.loaders.gguf_file import open_gguf, read_metadata
     from mmtk.nn.tokenizer import Tokenizer
 
     if source == "bundled":
         from mmtk.nn.loaders import smollm2_directory
 
         return Tokenizer.from_directory(smollm2_directory())
-    return Tokenizer.from_directory(source)
+    if source.endswith(".gguf"):
+        path = Path(source)
+        return Tokenizer.from_gguf_metadata(read_metadata(open_gguf(path), path), path)
+    folder = Path(source)
+    if not folder.is_dir():
+        raise InputError(f"tokenizer folder not found: {folder}. Use 'bundled', a .gguf file or a Hugging Face model folder.")
+    return Tokenizer.from_directory(folder)
 
 
 # ------------------------------------------------------------ latent cache

@@ -1,0 +1,223 @@
+"""End-to-end MMAR commands on real coco-mini photos: autoencoder, training, generation, captioning and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def make_word_tokenizer(folder: Path, captions: list[str]) -> Path:
+    """Write a word-level tokenizer of the captions' words (keeps tests free of the SmolLM2 conversion)."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from mmtk.nn.tokenizer import Tokenizer
+
+    backend = BackendTokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(captions, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tokenizer = Tokenizer(backend=backend, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    tokenizer.save(folder)
+    return folder
+
+
+def flat(output: str) -> str:
+    """Join the words of wrapped console output with single spaces."""
+    return " ".join(output.split())
+
+
+TINY_AUTOENCODER = [
+    "train.steps=2", "train.batch_size=4", "train.warmup_steps=0", "train.log_every=1", "train.progress=false",
+    "data.samples_per_epoch=8", "data.skimage_photos=false", "data.resolution=32",
+    "model.channels=8", "model.channel_mult=[1,2,2]", "model.norm_groups=4",
+]
+
+
+def tiny_mmar(autoencoder: Path, tokenizer: Path, steps: int = 4) -> list[str]:
+    return [
+        f"autoencoder.checkpoint={autoencoder}", "autoencoder.resolution=32", "autoencoder.patch_size=2",
+        f"text.tokenizer={tokenizer}", "text.max_tokens=12",
+        "backbone.hidden_size=32", "backbone.num_layers=2", "backbone.num_heads=2", "backbone.intermediate_size=64",
+        "model.vit_width=32", "model.vit_depth=1", "model.vit_heads=2", "model.head_width=32", "model.head_depth=2",
+        f"train.steps={steps}", "train.batch_size=4", "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=2", "train.progress=false",
+        f"stages=[{{until_step: 2, mask_min: 0.7, distribution: truncnorm}}, {{until_step: {steps}, mask_min: 0.0}}]",
+        "sample.num_images=2", "sample.num_captions=2", "sample.iterations=2", "sample.steps=3", "sample.caption_tokens=4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data, tmp_path_factory):
+    """A tiny autoencoder and a tiny MMAR model trained on coco-mini."""
+    from typer.testing import CliRunner
+
+    from mmtk.mmar.data import read_coco_mini
+    from mmtk_commands.main import app
+
+    root = tmp_path_factory.mktemp("mmar")
+    coco = shared_data / "coco-mini"
+    captions = [c for r in read_coco_mini(coco) for c in r.captions]
+    tokenizer = make_word_tokenizer(root / "tokenizer", captions)
+    runner = CliRunner()
+
+    result = runner.invoke(app, ["train-kl-autoencoder", "small", "--out", str(root / "ae"), f"data.images={coco}", *TINY_AUTOENCODER], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    autoencoder = root / "ae" / "autoencoder.pt"
+
+    result = runner.invoke(app, ["train-mmar", "small", "--out", str(root / "mmar"), "--json", f"data.images={coco}", *tiny_mmar(autoencoder, tokenizer)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"root": root, "coco": coco, "autoencoder": autoencoder, "tokenizer": tokenizer, "run": root / "mmar", "summary": summary}
+
+
+def test_autoencoder_run_writes_scale_factor(trained):
+    from mmtk.core.checkpoint import load_checkpoint
+
+    state = load_checkpoint(trained["autoencoder"], expected_tool="train-kl-autoencoder")
+    assert state["scale_factor"] > 0
+    assert state["config"]["embed_dim"] == 4
+    assert (trained["root"] / "ae" / "reconstructions.png").is_file()
+
+
+def test_train_mmar_writes_results(trained):
+    run = trained["run"]
+    summary = trained["summary"]
+    assert summary["train"]["steps"] == 4
+    assert summary["tokens_per_image"] == 16
+    assert summary["token_dim"] == 16
+    for name in ("model.pt", "latents.h5", "generated.png", "generated.h5", "captions.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    lines = (run / "captions.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    assert "caption" in json.loads(lines[0])
+
+
+def test_latent_cache_matches_schema(trained):
+    from mmtk.mmar.data import read_latent_cache
+
+    cache = read_latent_cache(trained["run"] / "latents.h5")
+    assert cache.moments.shape == (239, 8, 8, 8)
+    assert len(cache.captions) == 239
+    assert all(len(c) == 5 for c in cache.captions)
+    assert cache.resolution == 32
+
+
+def test_model_file_reloads_identically(trained):
+    from mmtk.mmar.generate import GenerationSettings, generate_tokens
+    from mmtk.mmar.sampling import load_mmar
+
+    loaded = load_mmar(trained["run"] / "model.pt")
+    settings = GenerationSettings(num_iterations=2, num_sampling_steps=3, cfg_scale=2.0)
+    ids = [loaded.vocabulary.encode("A cat on a table.")]
+    first = generate_tokens(loaded.model, ids, loaded.vocabulary.bos_id, loaded.vocabulary.eos_id, settings, torch.Generator().manual_seed(0))
+    again = load_mmar(trained["run"] / "model.pt")
+    second = generate_tokens(again.model, ids, again.vocabulary.bos_id, again.vocabulary.eos_id, settings, torch.Generator().manual_seed(0))
+    assert first.shape == (1, 16, 16)
+    assert torch.equal(first, second)
+
+
+def test_generate_command_from_checkpoint(trained, cli, tmp_path):
+    import h5py
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A dog on a beach.\n# a comment\n\nTwo pizzas on a plate.\n")
+    out = tmp_path / "gen"
+    result = cli("mmar-generate", "default", "--out", out, f"checkpoint={trained['run'] / 'model.pt'}", f"captions={prompts}", "steps=3", "iterations=2", "cfg=2.0")
+    assert result.exit_code == 0, result.output
+    with h5py.File(out / "generated.h5") as handle:
+        images = handle["images"][()]
+    assert images.shape == (2, 32, 32, 3)
+    assert images.dtype == np.uint8
+    assert (out / "generated.txt").read_text().splitlines() == ["0: A dog on a beach.", "1: Two pizzas on a plate."]
+
+
+def test_caption_command_from_checkpoint(trained, cli, tmp_path):
+    photo = sorted((trained["coco"] / "images").glob("*.jpg"))[0]
+    out = tmp_path / "cap"
+    result = cli("mmar-caption", "default", "--out", out, f"checkpoint={trained['run'] / 'model.pt'}", f"images=[{photo}]", "max_tokens=4")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    assert rows[0]["image"] == str(photo)
+    assert isinstance(rows[0]["caption"], str)
+
+
+def test_caption_rejects_small_image(trained, cli, tmp_path):
+    from PIL import Image
+
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((16, 20, 3), dtype=np.uint8)).save(small)
+    out = tmp_path / "cap"
+    result = cli("mmar-caption", "default", "--out", out, f"checkpoint={trained['run'] / 'model.pt'}", f"images=[{small}]")
+    assert result.exit_code == 2
+    assert "smaller than the model's 32x32 input" in flat(result.output)
+    assert not out.exists()
+
+
+def test_generate_rejects_empty_caption_file(trained, cli, tmp_path):
+    prompts = tmp_path / "empty.txt"
+    prompts.write_text("\n# nothing here\n")
+    out = tmp_path / "gen"
+    result = cli("mmar-generate", "default", "--out", out, f"checkpoint={trained['run'] / 'model.pt'}", f"captions={prompts}")
+    assert result.exit_code == 2
+    assert "is empty" in flat(result.output)
+    assert not out.exists()
+
+
+def test_generate_rejects_other_tools_checkpoint(trained, cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A cat.\n")
+    out = tmp_path / "gen"
+    result = cli("mmar-generate", "default", "--out", out, f"checkpoint={trained['autoencoder']}", f"captions={prompts}")
+    assert result.exit_code == 2
+    assert "written by 'train-kl-autoencoder', not by 'train-mmar'" in flat(result.output)
+    assert not out.exists()
+
+
+def test_train_rejects_mmar_model_as_autoencoder(trained, cli, tmp_path):
+    out = tmp_path / "bad"
+    args = tiny_mmar(trained["run"] / "model.pt", trained["tokenizer"])
+    result = cli("train-mmar", "small", "--out", out, f"data.images={trained['coco']}", *args)
+    assert result.exit_code == 2
+    assert "not by 'train-kl-autoencoder'" in flat(result.output)
+    assert not out.exists()
+
+
+def test_train_rejects_stages_short_of_steps(trained, cli, tmp_path):
+    out = tmp_path / "bad"
+    args = tiny_mmar(trained["autoencoder"], trained["tokenizer"]) + ["train.steps=10"]
+    result = cli("train-mmar", "small", "--out", out, f"data.images={trained['coco']}", *args)
+    assert result.exit_code == 2
+    assert "extend the last stage" in flat(result.output)
+    assert not out.exists()
+
+
+def test_train_rejects_missing_captions_file(trained, cli, tmp_path):
+    out = tmp_path / "bad"
+    args = tiny_mmar(trained["autoencoder"], trained["tokenizer"])
+    result = cli("train-mmar", "small", "--out", out, f"data.images={tmp_path}", *args)
+    assert result.exit_code == 2
+    assert "captions.jsonl" in flat(result.output)
+    assert not out.exists()
+
+
+def test_resume_matches_uninterrupted_run(trained, cli, tmp_path):
+    args = tiny_mmar(trained["autoencoder"], trained["tokenizer"]) + [f"data.images={trained['coco']}", f"data.latent_cache={trained['run'] / 'latents.h5'}", "sample.num_images=0", "sample.num_captions=0"]
+    full = tmp_path / "full"
+    assert cli("train-mmar", "small", "--out", full, *args).exit_code == 0
+
+    # Simulate a run killed after its step-2 checkpoint: drop everything written later.
+    part = tmp_path / "part"
+    assert cli("train-mmar", "small", "--out", part, *args).exit_code == 0
+    (part / "checkpoints" / "ckpt-000000004.pt").unlink()
+    (part / "model.pt").unlink()
+    result = cli("train-mmar", "small", "--out", part, "--resume", *args)
+    assert result.exit_code == 0, result.output
+
+    full_state = torch.load(full / "model.pt", weights_only=True)["model"]
+    part_state = torch.load(part / "model.pt", weights_only=True)["model"]
+    for name, tensor in full_state.items():
+        assert torch.equal(tensor, part_state[name]), name
