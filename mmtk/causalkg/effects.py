@@ -32,6 +32,7 @@ def quiet_pgmpy() -> None:
     """Silence pgmpy's per-call info logs and its deprecation warnings for the calls used here."""
     logging.getLogger("pgmpy").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pgmpy")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*pgmpy.*")
 
 
 def fit_network(data: pd.DataFrame, edges: list[Edge], equivalent_sample_size: float = 5.0):
