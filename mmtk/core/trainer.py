@@ -221,9 +221,25 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 # -------------------------------------------------------------- data order
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    # SplitMix64 finalizer (Steele, Lea and Flood, 2014): a cheap bijective 64-bit mix.
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Return the 32-bit seed for the ``__getitem__`` call of sample ``index`` in ``epoch``."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+    """Return the 32-bit seed for the ``__getitem__`` call of sample ``index`` in ``epoch``.
+
+    Chained SplitMix64 mixing of the three numbers, about a microsecond per
+    sample in Python.
+    """
+    mixed = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
+    return mixed & 0xFFFFFFFF
 
 
 class StepBatchSampler:
@@ -307,21 +323,27 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """Load a whole micro-batch, saving and restoring the global RNG states once (the DataLoader calls this)."""
         import random
 
-        index, seed = key
         python_state = random.getstate()
         numpy_state = np.random.get_state()
         torch_state = torch.default_generator.get_state()
+        samples = []
         try:
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
+            for index, seed in keys:
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.default_generator.manual_seed(seed)
+                samples.append(self.dataset[index])
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
             torch.default_generator.set_state(torch_state)
+        return samples
 
 
 # ------------------------------------------------------------------ trainer
