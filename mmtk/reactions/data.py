@@ -107,9 +107,10 @@ def read_samples(path: Path, file_format: str, derivative_method: str, smoothing
     else:
         species, experiments = _read_csv(path)
 
-    given = [dcdt is not None for _, _, _, dcdt in experiments]
+    _check_concentrations(species, experiments, str(path), negative_tolerance)
+    has_dcdt = [dcdt is not None for _, _, _, dcdt in experiments]
     method = "given in the data file"
-    if not all(given):
+    if not all(has_dcdt):
         method = f"estimated with {describe_derivative(derivative_method, smoothing)}"
         log.info("dc/dt is not in %s; %s", path, method)
         experiments = [(e, t, c, dcdt if dcdt is not None else estimate_dcdt(t, c, derivative_method, smoothing, f"{path} experiment {e}")) for e, t, c, dcdt in experiments]
@@ -120,7 +121,7 @@ def read_samples(path: Path, file_format: str, derivative_method: str, smoothing
         time=np.concatenate([t for _, t, _, _ in experiments]),
         concentrations=np.concatenate([c for _, _, c, _ in experiments]),
         dcdt=np.concatenate([d for _, _, _, d in experiments]),
-        dcdt_method=method if file_format == "csv" or not all(given) else _hdf5_method(path, method),
+        dcdt_method=method if file_format == "csv" or not all(has_dcdt) else _hdf5_method(path, method),
     )
     check_samples(samples, str(path), negative_tolerance)
     return samples
@@ -143,7 +144,7 @@ def _read_hdf5(path: Path) -> tuple[list[str], list[tuple[Any, np.ndarray, np.nd
     for e in range(c.shape[0]):
         experiments.append((e, time[e], c[e], None if dcdt is None else np.asarray(dcdt[e], dtype=np.float64)))
     if not experiments or time.shape[1] == 0:
-        raise DataError(f"{path} holds no samples. Give at least one experiment with one time point.")
+        raise DataError(f"{path} contains no samples. Give at least one experiment with one time point.")
     return species, experiments
 
 
@@ -155,7 +156,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[Any, np.ndarray, np.nda
         raise DataError(f"cannot read {path} as CSV: {exc}.") from exc
     rows = [row for row in rows if any(cell.strip() for cell in row)]
     if len(rows) < 2:
-        raise DataError(f"{path} holds no data rows. Give a header (experiment, time, species...) and one row per sample.")
+        raise DataError(f"{path} contains no data rows. Give a header (experiment, time, species...) and one row per sample.")
 
     header = [cell.strip() for cell in rows[0]]
     if "time" not in header:
@@ -178,7 +179,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[Any, np.ndarray, np.nda
             try:
                 values[line - 2, j] = float(cell)
             except ValueError:
-                raise DataError(f"{path} line {line}: column '{name}' holds {cell!r}, not a number.") from None
+                raise DataError(f"{path} line {line}: column '{name}' contains {cell!r}, which is not a number.") from None
     if not experiment_ids:
         experiment_ids = ["0"] * values.shape[0]
 
@@ -227,6 +228,12 @@ def estimate_dcdt(time: np.ndarray, c: np.ndarray, method: str, smoothing: float
 # ------------------------------------------------------------------- checks
 
 
+def _check_concentrations(species: list[str], experiments: list, source: str, negative_tolerance: float) -> None:
+    # Checked before dc/dt is estimated, so that the error names the bad value itself.
+    for experiment, time, c, _ in experiments:
+        check_samples(Samples(species, np.full(time.size, experiment), time, c, np.zeros_like(c), ""), source, negative_tolerance)
+
+
 def check_samples(samples: Samples, source: str, negative_tolerance: float) -> None:
     """Reject NaN or infinite values and concentrations below -``negative_tolerance``."""
     for name, array in (("concentrations", samples.concentrations), ("dc/dt", samples.dcdt), ("time", samples.time)):
@@ -234,7 +241,7 @@ def check_samples(samples: Samples, source: str, negative_tolerance: float) -> N
         if bad:
             raise DataError(f"{source}: {name} contain {bad} NaN or infinite values. Remove or fill them before running.")
     if samples.concentrations.shape[0] == 0:
-        raise DataError(f"{source} holds no samples.")
+        raise DataError(f"{source} contains no samples.")
     low = float(samples.concentrations.min())
     if low < -negative_tolerance:
         row, col = np.unravel_index(int(np.argmin(samples.concentrations)), samples.concentrations.shape)
@@ -244,12 +251,12 @@ def check_samples(samples: Samples, source: str, negative_tolerance: float) -> N
         )
 
 
-def match_species(samples: Samples, expected: list[str], source: str, what: str) -> Samples:
+def match_species(samples: Samples, expected: list[str], source: str, expected_source: str) -> Samples:
     """Reorder the sample columns to ``expected`` species order; raise DataError on a mismatch."""
     if sorted(samples.species) != sorted(expected):
         missing = [s for s in expected if s not in samples.species]
         extra = [s for s in samples.species if s not in expected]
-        raise DataError(f"{source}: species {samples.species} do not match {what} {expected} (missing: {missing or 'none'}, unexpected: {extra or 'none'}). Rename the data columns or fix the mechanism.")
+        raise DataError(f"{source}: species {samples.species} do not match {expected_source} {expected} (missing: {missing or 'none'}, unexpected: {extra or 'none'}). Rename the data columns or fix the mechanism.")
     order = [samples.species.index(s) for s in expected]
     return Samples(list(expected), samples.experiment, samples.time, samples.concentrations[:, order], samples.dcdt[:, order], samples.dcdt_method)
 

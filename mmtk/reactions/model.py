@@ -95,7 +95,11 @@ class MassActionBackend(Protocol):
 
 
 class NumpyMassAction:
-    """Float64 numpy implementation with a hand-derived gradient (CPU only)."""
+    """Float64 numpy implementation with a hand-derived gradient (CPU only).
+
+    Work arrays are allocated once, because at this size (a few thousand
+    numbers per epoch) the per-call cost of numpy dominates the arithmetic.
+    """
 
     def __init__(self, concentrations: np.ndarray, dcdt: np.ndarray, n_reactions: int, penalty: float, adam: AdamSettings) -> None:
         self.log_c = log_concentrations(np.asarray(concentrations, dtype=np.float64))  # B x n
@@ -107,63 +111,100 @@ class NumpyMassAction:
         self.adam = adam
         self.inv_count = 1.0 / self.target.size
 
+        batch, n, R = self.target.shape[0], self.n_species, n_reactions
+        self._orders = np.empty((n, 2 * R))  # [P | Q]
+        self._z = np.empty((batch, 2 * R))  # [z_f | z_r]
+        self._d_logits = np.empty((batch, 2 * R))
+        self._ones = np.ones(batch)
+        # Which parameter tensor (W, b_f, b_r) each entry of theta belongs to, for the L2 norms.
+        self._segment_starts = np.array([0, n * R, n * R + R])
+        self._segment_of = np.repeat(np.arange(3), [n * R, R, R])
+
     def loss_and_grad(self, theta: np.ndarray, frozen: bool = False) -> tuple[float, np.ndarray]:
         """Return the loss and its gradient with respect to theta (zero for W when ``frozen``)."""
-        n, R = self.n_species, self.n_reactions
-        W, _, _ = unpack(theta, n, R)
-        b = theta[n * R :]  # 2R: b_f then b_r
-
-        orders = np.concatenate([np.maximum(-W, 0.0), np.maximum(W, 0.0)], axis=1)  # n x 2R
-        z = np.exp(self.log_c @ orders + b)  # B x 2R
-        net = z[:, :R] - z[:, R:]  # B x R
-        residual = net @ W.T - self.target  # B x n
-        loss = float(np.einsum("ij,ij->", residual, residual)) * self.inv_count
-
         grad = np.empty_like(theta)
-        d_pred = residual * (2.0 * self.inv_count)  # B x n
-        d_net = d_pred @ W  # B x R
-        d_logits = z * np.concatenate([d_net, -d_net], axis=1)  # B x 2R
-        grad[n * R :] = d_logits.sum(axis=0)
+        loss = self._loss_and_grad(theta, frozen, grad)
+        return loss, grad
+
+    def _loss_and_grad(self, theta: np.ndarray, frozen: bool, grad: np.ndarray) -> float:
+        n, R = self.n_species, self.n_reactions
+        nR = n * R
+        W = theta[:nR].reshape(n, R)
+
+        orders = self._orders
+        np.negative(W, out=orders[:, :R])
+        np.maximum(orders[:, :R], 0.0, out=orders[:, :R])
+        np.maximum(W, 0.0, out=orders[:, R:])
+        z = self._z
+        np.dot(self.log_c, orders, out=z)  # B x 2R
+        z += theta[nR:]
+        np.exp(z, out=z)
+        net = z[:, :R] - z[:, R:]  # B x R
+        residual = net @ W.T  # B x n
+        residual -= self.target
+        flat = residual.ravel()
+        loss = float(flat @ flat) * self.inv_count
+
+        residual *= 2.0 * self.inv_count  # now d loss / d prediction, B x n
+        d_net = residual @ W  # B x R
+        d_logits = self._d_logits
+        np.multiply(z[:, :R], d_net, out=d_logits[:, :R])
+        np.multiply(z[:, R:], d_net, out=d_logits[:, R:])
+        np.negative(d_logits[:, R:], out=d_logits[:, R:])
+        np.dot(self._ones, d_logits, out=grad[nR:])
         if frozen:
-            grad[: n * R] = 0.0
-            return loss, grad
+            grad[:nR] = 0.0
+            return loss
 
         d_orders = self.log_c_t @ d_logits  # n x 2R
-        d_W = d_pred.T @ net - d_orders[:, :R] * (W < 0) + d_orders[:, R:] * (W > 0)  # n x R
-        grad[: n * R] = d_W.ravel()
+        d_W = residual.T @ net  # n x R
+        d_W -= d_orders[:, :R] * (W < 0)
+        d_W += d_orders[:, R:] * (W > 0)
+        grad[:nR] = d_W.ravel()
         if self.penalty > 0:
-            loss += self.penalty * penalty_value(theta, n, R)
-            grad += self.penalty * penalty_grad(theta, n, R)
-        return loss, grad
+            norms = np.sqrt(np.add.reduceat(theta * theta, self._segment_starts))  # 3
+            loss += self.penalty * (float(np.abs(theta).sum()) + float(norms.sum()))
+            safe = np.where(norms > 0, norms, np.inf)
+            grad += self.penalty * (np.sign(theta) + theta / safe[self._segment_of])
+        return loss
 
     def run(self, state: OptimizerState, epochs: int, integer_columns: np.ndarray, frozen: bool, stop: StopCheck | None) -> np.ndarray:
         n, R = self.n_species, self.n_reactions
         adam = self.adam
-        theta, m, v = state.theta, state.exp_avg, state.exp_avg_sq
-        W = theta[: n * R].reshape(n, R)
-        rounded = np.flatnonzero(integer_columns)
         # Frozen: W stays as it is and only the 2R log-rates move.
         start = n * R if frozen else 0
+        theta = state.theta
+        moving = theta[start:]
+        m, v = state.exp_avg[start:], state.exp_avg_sq[start:]
+        W = theta[: n * R].reshape(n, R)
+        rounded = np.flatnonzero(integer_columns) if not frozen else np.empty(0, dtype=np.int64)
+        grad = np.empty_like(theta)
+        g = grad[start:]
+        work = np.empty_like(g)
         losses = np.empty(epochs)
-        done = 0
+
         for done in range(epochs):
             if stop is not None and stop.requested:
                 return losses[:done]
-            loss, grad = self.loss_and_grad(theta, frozen)
-            losses[done] = loss
-            g = grad[start:]
+            losses[done] = self._loss_and_grad(theta, frozen, grad)
+
+            # Adam, in torch.optim.Adam's order of operations.
             state.step += 1
-            m[start:] *= adam.beta1
-            m[start:] += (1.0 - adam.beta1) * g
-            v[start:] *= adam.beta2
-            v[start:] += (1.0 - adam.beta2) * (g * g)
+            m *= adam.beta1
+            m += (1.0 - adam.beta1) * g
+            v *= adam.beta2
+            np.multiply(g, g, out=work)
+            work *= 1.0 - adam.beta2
+            v += work
             bias1 = 1.0 - adam.beta1**state.step
             bias2 = 1.0 - adam.beta2**state.step
-            denom = np.sqrt(v[start:]) / np.sqrt(bias2) + adam.eps
-            theta[start:] -= (adam.lr / bias1) * m[start:] / denom
-            if rounded.size and not frozen:
+            np.sqrt(v, out=work)
+            work /= np.sqrt(bias2)
+            work += adam.eps
+            moving -= (adam.lr / bias1) * m / work
+            if rounded.size:
                 W[:, rounded] = np.rint(W[:, rounded])
-        return losses[: done + 1] if epochs else losses
+        return losses
 
 
 def penalty_value(theta: np.ndarray, n_species: int, n_reactions: int) -> float:

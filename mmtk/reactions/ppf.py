@@ -3,15 +3,17 @@
 Schedule (defaults are the published values, epochs counted from 0):
 
 - After every Adam step the columns in the integer set S are rounded.
-- Full-freeze check, at every multiple of ``check_every`` (10,000): when every
-  entry of W is within ``full_tolerance`` (1e-3) of an integer, W is rounded
-  and fixed, the penalty is dropped, and from then on only b_f and b_r train.
-- Partial-freeze check, at multiples of ``check_every`` above
-  ``check_every``, only when the loss ``stall_lag`` (1,000) epochs earlier was
-  lower than now: columns within ``partial_tolerance`` (0.05) of a non-zero
-  integer column are rounded and form S; later duplicates of an integer
-  column (equal or negated) leave S and are redrawn U(0, 1); every other
-  column outside S is redrawn U(-2, 2).
+- Partial-freeze check, at multiples of ``check_every`` (10,000) above
+  ``check_every``. It runs only when the loss ``stall_lag`` (1,000) epochs
+  earlier was lower than now. Columns within ``partial_tolerance`` (0.05) of
+  a non-zero integer column are rounded and form S. Later duplicates of an
+  integer column (equal or negated) leave S and are redrawn U(0, 1). Every
+  other column outside S is redrawn U(-2, 2).
+- Full-freeze check, at every multiple of ``check_every``, after the partial
+  check of the same epoch (so a partial check that completes S freezes W at
+  once): when every entry of W is within ``full_tolerance`` (1e-3) of an
+  integer, W is rounded and fixed, the penalty is dropped, and from then on
+  only b_f and b_r train.
 - The loss of an epoch is evaluated before that epoch's update.
 """
 
@@ -58,13 +60,13 @@ def fully_integer(W: np.ndarray, tolerance: float) -> bool:
 def duplicate_columns(W: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """Return a bool per column: an integer column equal or opposite to an earlier one in ``columns``."""
     duplicate = np.zeros(W.shape[1], dtype=bool)
-    kept: list[np.ndarray] = []
+    distinct: list[np.ndarray] = []
     for r in np.flatnonzero(columns):
         column = W[:, r]
-        if any(np.array_equal(column, other) or np.array_equal(column, -other) for other in kept):
+        if any(np.array_equal(column, other) or np.array_equal(column, -other) for other in distinct):
             duplicate[r] = True
         else:
-            kept.append(column)
+            distinct.append(column)
     return duplicate
 
 
@@ -189,26 +191,21 @@ class PPFTrainer:
         return True
 
     def check(self, state: RestartState, epoch: int) -> None:
-        """Run the full- and then the partial-freeze check after the update of ``epoch``."""
+        """Run the partial- and then the full-freeze check after the update of ``epoch``."""
         if state.frozen:
             return
+        self.partial_check(state, epoch)
+        self.full_check(state, epoch)
+
+    def partial_check(self, state: RestartState, epoch: int) -> None:
+        """Round, deduplicate and redraw W's columns when the loss has stalled."""
         settings = self.settings
-        W, b_f, b_r = unpack(state.optimizer.theta, self.n_species, self.n_reactions)
-        losses = state.loss_history()
-
-        if fully_integer(W, settings.full_tolerance):
-            W[:] = np.rint(W)
-            state.frozen = True
-            state.frozen_epoch = epoch
-            state.integer_columns[:] = True
-            state.events.append({"epoch": epoch, "event": "full_freeze", "loss": float(losses[epoch])})
-            log.info("restart %d epoch %d: every entry of W is within %g of an integer; W is rounded and frozen", state.restart, epoch, settings.full_tolerance)
-            return
-
         if epoch <= settings.check_every or epoch < settings.stall_lag:
             return
+        losses = state.loss_history()
         if not losses[epoch - settings.stall_lag] < losses[epoch]:
             return
+        W, b_f, b_r = unpack(state.optimizer.theta, self.n_species, self.n_reactions)
         result = partial_freeze(W, state.rng, settings)
         redrawn = result.duplicates | result.reinitialised
         if settings.reset_rates and redrawn.any():
@@ -219,6 +216,18 @@ class PPFTrainer:
         members = np.flatnonzero(result.integer_columns).tolist()
         state.events.append({"epoch": epoch, "event": "partial_freeze", "loss": float(losses[epoch]), "integer_set": members, "duplicates": np.flatnonzero(result.duplicates).tolist()})
         log.info("restart %d epoch %d: loss stalled (%.4g >= %.4g); integer set %s, %d columns redrawn", state.restart, epoch, losses[epoch], losses[epoch - settings.stall_lag], members, int(redrawn.sum()))
+
+    def full_check(self, state: RestartState, epoch: int) -> None:
+        """Round and fix W when every entry is within ``full_tolerance`` of an integer."""
+        W, _, _ = unpack(state.optimizer.theta, self.n_species, self.n_reactions)
+        if not fully_integer(W, self.settings.full_tolerance):
+            return
+        W[:] = np.rint(W)
+        state.frozen = True
+        state.frozen_epoch = epoch
+        state.integer_columns[:] = True
+        state.events.append({"epoch": epoch, "event": "full_freeze", "loss": float(state.loss_history()[epoch])})
+        log.info("restart %d epoch %d: every entry of W is within %g of an integer; W is rounded and frozen", state.restart, epoch, self.settings.full_tolerance)
 
 
 def _next_multiple(epoch: int, every: int) -> int:

@@ -16,6 +16,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,8 @@ from mmtk.core.runner import RunContext
 from mmtk.core.seeding import generator_state, set_generator_state
 from mmtk.core.signals import StopFlag
 from mmtk.reactions.compare import compare_mechanisms, drop_empty_reactions
-from mmtk.reactions.data import Samples, match_species, read_samples, save_trajectories, split_rows, trajectories_to_samples
+from mmtk.core.hdf5 import DatasetSpec, read_datasets
+from mmtk.reactions.data import SCHEMA, Samples, match_species, read_samples, save_trajectories, split_rows, trajectories_to_samples
 from mmtk.reactions.fit import fit_rates, mse
 from mmtk.reactions.mechanism import Mechanism, canonicalize, load_mechanism
 from mmtk.reactions.model import AdamSettings, NumpyMassAction, OptimizerState, TorchMassAction, unpack
@@ -94,18 +96,27 @@ class PreparedData:
         return digest.hexdigest()
 
 
-def prepare_data(recipe: DiscoverRecipe) -> PreparedData:
-    """Load or simulate the samples and check them; raises InputError before anything is written."""
+def prepare_data(recipe: DiscoverRecipe, saved_data: Path | None = None) -> PreparedData:
+    """Load or simulate the samples and check them; raises InputError before anything is written.
+
+    ``saved_data`` is the ``data.h5`` of the run being resumed. Its samples
+    and split are reused instead of simulating again, because the solver's
+    last digits can depend on the BLAS build and thread count.
+    """
     data = recipe.data
     truth_ref = data.truth or (data.mechanism if data.source == "simulate" else None)
     truth = load_mechanism(truth_ref) if truth_ref is not None else None
 
     trajectories = None
+    split = None
     if data.source == "simulate":
         mechanism = load_mechanism(data.mechanism)
         if truth is not None and truth.species != mechanism.species:
             raise InputError(f"data.truth species {truth.species} differ from data.mechanism species {mechanism.species}.")
-        trajectories = simulate_from_recipe(mechanism, data.simulation, recipe.seed)
+        if saved_data is not None and saved_data.is_file():
+            trajectories, split = load_run_data(saved_data)
+        else:
+            trajectories = simulate_from_recipe(mechanism, data.simulation, recipe.seed)
         samples = trajectories_to_samples(trajectories)
         source = f"simulated {mechanism.name}"
     else:
@@ -114,13 +125,29 @@ def prepare_data(recipe: DiscoverRecipe) -> PreparedData:
             samples = match_species(samples, truth.species, str(data.file), f"the species of the true mechanism {truth.name}")
         source = str(data.file)
 
-    rng = np.random.default_rng([recipe.seed, 7])
-    train_rows, validation_rows = split_rows(samples.concentrations.shape[0], data.validation_fraction, rng)
-    return PreparedData(samples, train_rows, validation_rows, truth, trajectories, source)
+    if split is None:
+        rng = np.random.default_rng([recipe.seed, 7])
+        split = split_rows(samples.concentrations.shape[0], data.validation_fraction, rng)
+    return PreparedData(samples, split[0], split[1], truth, trajectories, source)
+
+
+def load_run_data(path: Path) -> tuple[Trajectories, tuple[np.ndarray, np.ndarray]]:
+    """Read a run's data.h5: the simulated trajectories and the train/validation rows."""
+    specs = {
+        "species": DatasetSpec(("n_species",), kind="S"),
+        "time": DatasetSpec(("n_experiments", "n_times")),
+        "concentrations": DatasetSpec(("n_experiments", "n_times", "n_species")),
+        "dcdt": DatasetSpec(("n_experiments", "n_times", "n_species")),
+        "train_rows": DatasetSpec((None,), kind="i"),
+        "validation_rows": DatasetSpec((None,), kind="i"),
+    }
+    arrays, attrs = read_datasets(path, specs, schema=SCHEMA)
+    trajectories = Trajectories(list(arrays["species"]), arrays["time"], arrays["concentrations"], arrays["dcdt"], str(attrs.get("dcdt_method", "exact")))
+    return trajectories, (arrays["train_rows"], arrays["validation_rows"])
 
 
 def make_backend(recipe: DiscoverRecipe, samples: Samples, train_rows: np.ndarray):
-    """Return (backend, name): numpy on the CPU unless train.backend or device asks for torch."""
+    """Return (backend, name): numpy on the CPU unless train.backend or device requests torch."""
     train = recipe.train
     adam = AdamSettings(lr=train.lr)
     c, dcdt = samples.concentrations[train_rows], samples.dcdt[train_rows]
@@ -244,7 +271,7 @@ def run_discover(context: RunContext) -> dict[str, Any]:
 
         if not torch.cuda.is_available():
             raise InputError(f"device {recipe.device!r} requested but CUDA is not available on this machine; use --device cpu.")
-    prepared = prepare_data(recipe)
+    prepared = prepare_data(recipe, context.run.file("data.h5") if context.options.resume else None)
     species = prepared.samples.species
     n, R = len(species), recipe.train.reactions
 
@@ -257,11 +284,11 @@ def run_discover(context: RunContext) -> dict[str, Any]:
         if resume_state.get("data_fingerprint") != prepared.fingerprint():
             raise InputError(f"cannot resume from {found}: the training data differ from those of the checkpointed run (seed, data or recipe changed). Start a new run in another --out folder.")
         if resume_state.get("shape") != [n, R]:
-            raise InputError(f"cannot resume from {found}: it holds {resume_state.get('shape')} (species x reactions) but the recipe asks for {[n, R]}.")
+            raise InputError(f"cannot resume from {found}: it contains a {resume_state.get('shape')} (species x reactions) model but the recipe requests {[n, R]}.")
 
     context.start()
     started = time.perf_counter()
-    if prepared.trajectories is not None:
+    if prepared.trajectories is not None and resume_state is None:
         attrs = {"seed": recipe.seed}
         save_trajectories(context.run.file("data.h5"), prepared.trajectories, attrs=attrs)
         _append_split(context.run.file("data.h5"), prepared)

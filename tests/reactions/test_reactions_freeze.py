@@ -65,9 +65,11 @@ def test_reinitialisation_range():
     result = partial_freeze(W, rng, FreezeSettings())
     redrawn = W[:, result.reinitialised]
     assert result.reinitialised.sum() == 39
-    assert redrawn.min() >= -2.0 and redrawn.max() < 2.0
+    assert redrawn.min() >= -2.0
+    assert redrawn.max() < 2.0
     # 234 draws of U(-2, 2) reach beyond +-1.5 and do not sit near 0.3.
-    assert redrawn.min() < -1.5 and redrawn.max() > 1.5
+    assert redrawn.min() < -1.5
+    assert redrawn.max() > 1.5
     assert not np.any(np.isclose(redrawn, 0.3))
 
 
@@ -127,7 +129,8 @@ def test_partial_check_needs_stalled_loss():
 
     falling = state_with(np.linspace(2.0, 1.0, 201))
     trainer.check(falling, 200)
-    assert not falling.integer_columns.any() and not falling.events
+    assert not falling.integer_columns.any()
+    assert not falling.events
 
     stalled = state_with(np.linspace(1.0, 2.0, 201))
     trainer.check(stalled, 200)
