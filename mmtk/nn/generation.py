@@ -8,23 +8,11 @@ from typing import Any
 
 import torch
 
+from mmtk.core.distributed import resolve_device
 from mmtk.core.errors import InputError
 from mmtk.core.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """Return the torch device ``name``; InputError when it is malformed or not available."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"invalid --device {name!r}: {exc}. Use cpu, cuda or cuda:N.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name} requested but CUDA is not available; use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    return device
 
 
 def generate_text_summary(
