@@ -31,7 +31,7 @@ from mmtk.causalkg.mastery import DINA, MASTERY_MODELS, MasteryModel
 from mmtk.causalkg.network import CausalKnowledgeNetwork, draw_network
 from mmtk.causalkg.recipes import BuildRecipe
 from mmtk.causalkg.simulate import simulate_cohort
-from mmtk.causalkg.structure import StructureSettings, as_categorical, bootstrap_structures, check_constraints, consensus_dag, default_workers
+from mmtk.causalkg.structure import StructureSettings, as_categorical, bootstrap_structures, check_constraints, consensus_dag, default_workers, orient_consensus
 
 log = get_logger(__name__)
 
@@ -125,11 +125,11 @@ def run_build(context: RunContext) -> dict[str, Any]:
 
     # Structure: bootstrap, then the consensus DAG.
     bootstrap = bootstrap_structures(mastered, data.skill_names, settings, recipe.bootstrap.resamples, recipe.seed, workers)
-    consensus = consensus_dag(bootstrap, data.skill_names, recipe.bootstrap.threshold, settings)
+    frame = as_categorical(mastered, data.skill_names)
+    consensus = orient_consensus(frame, consensus_dag(bootstrap, data.skill_names, recipe.bootstrap.threshold, settings), settings)
     log.info("consensus DAG: %d edges at frequency >= %.2f", len(consensus), recipe.bootstrap.threshold)
 
     # Causal effects of the consensus edges, with bootstrap intervals.
-    frame = as_categorical(mastered, data.skill_names)
     consensus_model = fit_network(frame, consensus, recipe.effects.equivalent_sample_size)
     effects = edge_effects(consensus_model, consensus)
     samples = bootstrap_effects(mastered, data.skill_names, consensus, recipe.bootstrap.resamples, recipe.seed, workers, recipe.effects.equivalent_sample_size)  # (R, E)

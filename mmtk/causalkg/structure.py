@@ -140,10 +140,16 @@ def learn_structure(data: pd.DataFrame, settings: StructureSettings) -> list[Edg
     return enforce_constraints(edges, settings, variables)
 
 
-def as_categorical(values: np.ndarray, columns: list[str], states: list[Any] | None = None) -> pd.DataFrame:
-    """Wrap a 2-D array as a DataFrame of categorical columns (states default to 0 and 1)."""
+def as_categorical(values: np.ndarray, columns: list[str], states: list[Any] | dict[str, list[Any]] | None = None) -> pd.DataFrame:
+    """Wrap a 2-D array as a DataFrame of categorical columns.
+
+    ``states`` lists the states of every column, or maps each column to its
+    own list; the default is 0 and 1.
+    """
     states = [0, 1] if states is None else states
     frame = pd.DataFrame(values, columns=columns)
+    if isinstance(states, dict):
+        return frame.astype({column: pd.CategoricalDtype(states[column]) for column in columns})
     return frame.astype(pd.CategoricalDtype(states))
 
 
@@ -273,3 +279,28 @@ def consensus_dag(bootstrap: BootstrapResult, variables: list[str], threshold: f
         ranked.append((-frequency, -max(forward, backward), edge))
     ranked.sort()
     return enforce_constraints([edge for _, _, edge in ranked], settings, variables)
+
+
+def orient_consensus(data: pd.DataFrame, consensus: list[Edge], settings: StructureSettings) -> list[Edge]:
+    """Orient the consensus skeleton by hill climbing on all rows, restricted to that skeleton.
+
+    Majority directions over resamples can contradict each other, because
+    each resample returns an arbitrary member of its equivalence class; one
+    score-based search on the full data orients the kept adjacencies
+    consistently. An adjacency the search leaves out is added back in its
+    consensus direction.
+    """
+    variables = list(data.columns)
+    allowed = {edge for u, v in consensus for edge in ((u, v), (v, u))} | {tuple(e) for e in settings.required}
+    outside = [(u, v) for u in variables for v in variables if u != v and (u, v) not in allowed]
+    restricted = StructureSettings(
+        algorithm="hill-climb",
+        score=settings.score,
+        max_indegree=settings.max_indegree,
+        forbidden=[*settings.forbidden, *outside],
+        required=settings.required,
+        order=settings.order,
+    )
+    oriented = learn_structure(data, restricted)
+    return enforce_constraints([*oriented, *consensus], settings, variables)
+
