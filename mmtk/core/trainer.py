@@ -467,6 +467,8 @@ class Trainer:
         model_state, optimizer_state = self._model_and_optimizer_state()
         ema_state = self.ema.state_dict() if self.ema is not None else None
         rng_states = distributed.all_gather_object(capture_rng_state())
+        # Each rank's metric window holds its own sums until the next all-reduce, so every window is kept.
+        windows = distributed.all_gather_object({"sums": {k: v.detach().cpu() for k, v in self._window.items()}, "steps": self._window_steps})
         path = checkpoint_path(self.run.checkpoints, self.step)
         if self.dist.is_main:
             state = {
@@ -479,7 +481,7 @@ class Trainer:
                 "schedule": self.schedule.state_dict(),
                 "rng": rng_states,
                 "data": {"seed": self.seed, "batch_size": self.config.batch_size, "shuffle": self.config.shuffle},
-                "metric_window": {"sums": {k: v.detach().cpu() for k, v in self._window.items()}, "steps": self._window_steps},
+                "metric_window": windows,
                 "config": to_dict(self.config),
             }
             if ema_state is not None:
@@ -524,12 +526,14 @@ class Trainer:
                 log.warning("checkpoint %s contains no EMA weights; the EMA restarts from the current weights", path)
 
         self.step = int(state["step"])
-        window = state.get("metric_window", {"sums": {}, "steps": 0})
+        same_layout = int(state.get("world_size", 1)) == self.dist.world_size
+        windows = state["metric_window"]
+        window = windows[self.dist.rank] if same_layout else windows[0]
         self._window = {k: v.to(self.device) for k, v in window["sums"].items()}
         self._window_steps = int(window["steps"])
 
         rng_states = state["rng"]
-        if int(state.get("world_size", 1)) == self.dist.world_size:
+        if same_layout:
             restore_rng_state(rng_states[self.dist.rank])
         else:
             log.warning("the checkpoint was written by %s process(es) and this run has %d: random streams are reseeded, so the run will not match an uninterrupted one", state.get("world_size"), self.dist.world_size)

@@ -100,8 +100,9 @@ def test_sigterm_saves_loadable_checkpoint(tmp_path):
     assert _losses(out) == _losses(tmp_path / "reference")
 
 
-def _torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(_TASKS_PATH), str(out), "new", *overrides]
+def _torchrun(out: Path, *overrides: str, mode: str = "new") -> subprocess.CompletedProcess:
+    """Train the tiny task with two gloo processes under torchrun; ``mode`` is 'new' or 'resume'."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(_TASKS_PATH), str(out), mode, *overrides]
     return subprocess.run(command, env=_environment(), capture_output=True, timeout=300)
 
 
@@ -126,3 +127,26 @@ def test_two_processes_match_one(tmp_path, parallel):
         assert torch.allclose(value, state["ema"]["shadow"][key], rtol=0, atol=1e-6), key
     # Each rank logs the mean over its half of the batch; the all-reduced mean is the global loss.
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_resume_is_bit_exact(tmp_path):
+    # Dropout on: each rank's own random stream and metric window must survive the restart.
+    uninterrupted = _torchrun(tmp_path / "full")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr.decode()[-3000:]
+
+    crashed = _torchrun(tmp_path / "cut", "crash_at_step=6")
+    assert crashed.returncode != 0
+    assert "simulated crash in optimizer step 6" in crashed.stderr.decode()
+
+    resumed = _torchrun(tmp_path / "cut", mode="resume")
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["start_step"] == 4
+
+    full, cut = _final_state(tmp_path / "full"), _final_state(tmp_path / "cut")
+    for key, value in full["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+    for key, value in full["ema"]["shadow"].items():
+        assert torch.equal(value, cut["ema"]["shadow"][key]), key
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
