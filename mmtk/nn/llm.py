@@ -368,9 +368,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, Hkv, S, hd)
 
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, H, T, hd)
+        grouped = self.num_kv_heads != self.num_heads
+        if grouped and mask is not None and q.device.type == "cuda":
+            # CUDA's memory-efficient kernel takes arbitrary masks but not grouped heads,
+            # so repeat the key/value heads rather than fall back to the math kernel.
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # (B, H, S, hd)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            grouped = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, enable_gqa=grouped)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(y)
 

@@ -36,7 +36,10 @@ def permute_like_llama_cpp(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def write_llama_gguf(path, model, architecture: str = "llama") -> None:
-    """Write ``model``'s weights as an F32 GGUF file with llama.cpp names and metadata."""
+    """Write ``model``'s weights as an F32 GGUF file with llama.cpp names and metadata.
+
+    Only the Llama converter of llama.cpp reorders q/k rows; Qwen2 files keep the Hugging Face order.
+    """
     config = model.config
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(config.num_hidden_layers)
@@ -64,9 +67,9 @@ def write_llama_gguf(path, model, architecture: str = "llama") -> None:
         else:
             _, _, block, rest = key.split(".", 3)
             module, kind = rest.rsplit(".", 1)
-            if module == "self_attn.q_proj":
+            if architecture == "llama" and module == "self_attn.q_proj":
                 values = permute_like_llama_cpp(values, config.num_attention_heads)
-            elif module == "self_attn.k_proj":
+            elif architecture == "llama" and module == "self_attn.k_proj":
                 values = permute_like_llama_cpp(values, config.num_key_value_heads)
             writer.add_tensor(f"blk.{block}.{names[module]}.{kind}", values)
     writer.write_header_to_file()
@@ -90,6 +93,38 @@ def test_gguf_logits_match_source_model(tmp_path):
     assert tokenizer is None
     assert not model.config.tie_word_embeddings
     assert (actual - expected).abs().max().item() < TOLERANCE
+
+
+def test_qwen2_gguf_logits_match_source_model(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=53, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                                      num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000.0)
+    reference = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(std=0.3)
+    path = tmp_path / "qwen2.gguf"
+    write_llama_gguf(path, reference, architecture="qwen2")
+    model, _ = load_gguf(path)
+    ids = torch.randint(0, 53, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (model(ids).logits - reference(ids).logits).abs().max().item()
+    assert model.config.attention_bias
+    assert difference < TOLERANCE
+
+
+def test_sharded_safetensors_folder_loads(tmp_path):
+    reference = tiny_llama(tmp_path / "single")
+    reference.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    model, _ = load_hf_directory(tmp_path / "sharded")
+    ids = torch.randint(0, 53, (1, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        difference = (model(ids).logits - reference(ids).logits).abs().max().item()
+    assert len(shards) > 1
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert difference < TOLERANCE
 
 
 def test_gguf_without_output_ties_head(tmp_path):
