@@ -308,6 +308,15 @@ class StepBatchSampler:
         return (self.steps - self.start_step) * self.grad_accum
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Slurm and Ctrl-C signal every process of the job, loader workers included. Workers ignore the signal
+    # so the main process can finish its step and checkpoint; they exit when the main process shuts the loader down.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class SeededDataset(Dataset):
     """Wrap a data set so that each ``__getitem__((index, seed))`` runs with seeded global RNGs.
 
@@ -666,7 +675,7 @@ class Trainer:
         sampler = StepBatchSampler(len(dataset), c.batch_size, c.grad_accum, self.dist.rank, self.dist.world_size, self.seed, start_step, c.steps, shuffle=c.shuffle)  # type: ignore[arg-type]
         loader = DataLoader(
             SeededDataset(dataset), batch_sampler=sampler, collate_fn=self.task.collate,
-            num_workers=c.num_workers, pin_memory=self.device.type == "cuda",
+            num_workers=c.num_workers, pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_stop_signals,
             # The loader draws its worker base seed from this generator, not from the global RNG that was just restored.
             generator=torch.Generator().manual_seed(self.seed),
         )

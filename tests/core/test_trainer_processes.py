@@ -35,7 +35,7 @@ def _tasks():
 
 
 def _environment() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="240")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
@@ -66,16 +66,18 @@ def _losses(path: Path) -> list[float]:
 
 def test_sigterm_saves_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
-    overrides = ["train.steps=40", "train.checkpoint_every=0", "train.log_every=2"]
+    overrides = ["train.steps=40", "train.checkpoint_every=0", "train.log_every=2", "train.num_workers=2"]
     command = [sys.executable, str(_TASKS_PATH), str(out), "new", *overrides, "step_sleep=0.05"]
-    process = subprocess.Popen(command, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A new session, so that the signal reaches the whole process group (loader worker included), as under Slurm.
+    process = subprocess.Popen(command, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").is_file():
             assert process.poll() is None, process.stderr.read().decode()
             assert time.monotonic() < deadline, "training never logged a metric"
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # the loader workers are running by now
+        os.killpg(process.pid, signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
@@ -83,6 +85,8 @@ def test_sigterm_saves_loadable_checkpoint(tmp_path):
 
     assert process.returncode == 1, stderr.decode()
     assert "received SIGTERM" in stderr.decode()
+    assert "stopped on SIGTERM at step" in stderr.decode()
+    assert "killed by signal" not in stderr.decode()
     assert not (out / "summary.json").exists()
     checkpoints = list((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1
