@@ -77,18 +77,28 @@ def run_mmtk(truth, c, dcdt, seed: int, epochs: int, adam_after_freeze: bool) ->
 
     def on_event(s, epoch):
         if s.frozen and "seconds" not in frozen_at:
-            frozen_at.update(seconds=time.perf_counter() - start, epoch=epoch)
+            frozen_at.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, epoch=epoch)
 
     start = time.perf_counter()
+    cpu_start = time.process_time()
     trainer.run(state, None, on_event)
     adam_seconds = time.perf_counter() - start
     W, b_f, b_r = unpack(state.optimizer.theta.copy(), 6, 6)
-    result = {"epochs_run": state.epoch, "frozen_epoch": state.frozen_epoch, "seconds_to_freeze": frozen_at.get("seconds"), "adam_seconds": adam_seconds, "at_freeze_or_end": score(truth, W, b_f, b_r)}
+    result = {
+        "epochs_run": state.epoch,
+        "frozen_epoch": state.frozen_epoch,
+        "seconds_to_freeze": frozen_at.get("seconds"),
+        "cpu_seconds_to_freeze": frozen_at.get("cpu_seconds"),
+        "adam_seconds": adam_seconds,
+        "adam_cpu_seconds": time.process_time() - cpu_start,
+        "at_freeze_or_end": score(truth, W, b_f, b_r),
+    }
     if not adam_after_freeze and state.frozen:
         fit_start = time.perf_counter()
         fitted = fit_rates(np.rint(W), c, dcdt, b_f, b_r)
         result["fit_seconds"] = time.perf_counter() - fit_start
         result["total_seconds"] = time.perf_counter() - start
+        result["total_cpu_seconds"] = time.process_time() - cpu_start
         result["after_fit"] = score(truth, W, fitted.log_forward, fitted.log_reverse)
     return result
 
@@ -108,8 +118,8 @@ class TorchPPFLayer(torch.nn.Module):
         return (z_f - z_r) @ self.W.T  # B x n
 
 
-def time_torch_baseline(c, dcdt, budget: int) -> float:
-    """Return seconds per epoch of the plain torch loop (loss, backward, Adam, rounding)."""
+def time_torch_baseline(c, dcdt, budget: int) -> tuple[float, float]:
+    """Return (wall, CPU) seconds per epoch of the plain torch loop (loss, backward, Adam, rounding)."""
     torch.manual_seed(0)
     layer = TorchPPFLayer(6, 6)
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
@@ -118,6 +128,7 @@ def time_torch_baseline(c, dcdt, budget: int) -> float:
     integer_columns = torch.tensor([0, 2])
     losses = []
     start = time.perf_counter()
+    cpu_start = time.process_time()
     for _ in range(budget):
         optimizer.zero_grad()
         loss = torch.mean((layer(log_c) - target) ** 2) + 1e-8 * sum(p.abs().sum() + p.norm() for p in layer.parameters())
@@ -126,17 +137,19 @@ def time_torch_baseline(c, dcdt, budget: int) -> float:
         with torch.no_grad():
             layer.W[:, integer_columns] = torch.round(layer.W[:, integer_columns])
         losses.append(loss.item())
-    return (time.perf_counter() - start) / budget
+    return (time.perf_counter() - start) / budget, (time.process_time() - cpu_start) / budget
 
 
-def time_numpy(c, dcdt, budget: int) -> float:
+def time_numpy(c, dcdt, budget: int) -> tuple[float, float]:
+    """Return (wall, CPU) seconds per epoch of the numpy backend."""
     backend = NumpyMassAction(c, dcdt, 6, 1e-8, AdamSettings())
     state = new_restart(0, 0, 6, 6, 0.5)
     columns = np.zeros(6, dtype=bool)
     columns[[0, 2]] = True
     start = time.perf_counter()
+    cpu_start = time.process_time()
     backend.run(state.optimizer, budget, columns, False, None)
-    return (time.perf_counter() - start) / budget
+    return (time.perf_counter() - start) / budget, (time.process_time() - cpu_start) / budget
 
 
 def main() -> None:
@@ -149,19 +162,22 @@ def main() -> None:
     torch.set_num_threads(1)
 
     truth, c, dcdt = make_data(args.seed)
-    report = {"machine": cpu_model(), "threads": 1, "torch": torch.__version__, "numpy": np.__version__, "seed": args.seed, "train_rows": int(c.shape[0])}
+    report = {"machine": cpu_model(), "load_average_at_start": os.getloadavg(), "threads": 1, "torch": torch.__version__, "numpy": np.__version__, "seed": args.seed, "train_rows": int(c.shape[0])}
 
     report["mmtk"] = run_mmtk(truth, c, dcdt, args.seed, args.epochs, adam_after_freeze=False)
     print(json.dumps({"mmtk": report["mmtk"]}), flush=True)
 
-    numpy_epoch = time_numpy(c, dcdt, args.budget)
-    torch_epoch = time_torch_baseline(c, dcdt, args.budget)
+    numpy_epoch, numpy_cpu = time_numpy(c, dcdt, args.budget)
+    torch_epoch, torch_cpu = time_torch_baseline(c, dcdt, args.budget)
     epochs_needed = report["mmtk"]["frozen_epoch"] or args.epochs
     report["per_epoch"] = {
         "budget_epochs": args.budget,
         "numpy_us": numpy_epoch * 1e6,
+        "numpy_cpu_us": numpy_cpu * 1e6,
         "torch_autograd_us": torch_epoch * 1e6,
+        "torch_autograd_cpu_us": torch_cpu * 1e6,
         "ratio_torch_over_numpy": torch_epoch / numpy_epoch,
+        "ratio_torch_over_numpy_cpu": torch_cpu / numpy_cpu,
         "torch_extrapolated_seconds_to_freeze": torch_epoch * (epochs_needed + 1),
         "torch_extrapolated_seconds_1e6_epochs": torch_epoch * 1e6,
     }

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -23,36 +24,31 @@ def _error(value: float | None) -> str:
 
 def print_mechanism(console: Console, found: Mechanism, title: str) -> None:
     """Print the discovered mechanism (canonical order) as a table."""
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD)
     for name in ("#", "reaction", "k_forward", "k_reverse"):
-        table.add_column(name, justify="right" if name.startswith(("k", "#")) else "left")
+        table.add_column(name, justify="left" if name == "reaction" else "right", no_wrap=name == "reaction")
     for r, equation in enumerate(found.equations()):
         table.add_row(str(r + 1), equation, _rate(found.k_forward[r]), _rate(found.k_reverse[r]))
     console.print(table)
 
 
 def print_comparison(console: Console, comparison: dict[str, Any]) -> None:
-    """Print each true reaction beside the discovered one with the rate errors."""
+    """Print each true rate constant beside the discovered one, one row per rate."""
     verdict = "exact match" if comparison["stoichiometry_match"] else "does NOT match"
-    table = Table(title=f"Comparison with the true mechanism: stoichiometry {verdict}")
-    for name in ("true reaction", "k_f true", "k_f found", "rel. err", "k_r true", "k_r found", "rel. err"):
-        table.add_column(name, justify="left" if name == "true reaction" else "right")
+    table = Table(title=f"Comparison with the true mechanism: stoichiometry {verdict}", box=box.SIMPLE_HEAD)
+    for name in ("true reaction", "rate", "true", "found", "rel. error"):
+        table.add_column(name, justify="left" if name in ("true reaction", "rate") else "right", no_wrap=True)
     for row in comparison["reactions"]:
-        if not row["matched"]:
-            table.add_row(row["equation"], _rate(row["k_forward_true"]), "not found", "-", _rate(row["k_reverse_true"]), "not found", "-")
-            continue
-        reverse_error = _error(row["k_reverse_relative_error"])
-        if row["k_reverse_true"] == 0 and row.get("k_reverse_to_k_forward") is not None:
-            reverse_error = f"k_r/k_f {row['k_reverse_to_k_forward']:.1e}"
-        table.add_row(
-            row["equation"],
-            _rate(row["k_forward_true"]),
-            _rate(row["k_forward_found"]),
-            _error(row["k_forward_relative_error"]),
-            _rate(row["k_reverse_true"]),
-            _rate(row["k_reverse_found"]),
-            reverse_error,
-        )
+        for key, label in (("forward", "k_f"), ("reverse", "k_r")):
+            equation = row["equation"] if key == "forward" else ""
+            true_value = row[f"k_{key}_true"]
+            if not row["matched"]:
+                table.add_row(equation, label, _rate(true_value), "not found", "-")
+                continue
+            error = _error(row[f"k_{key}_relative_error"])
+            if key == "reverse" and true_value == 0 and row.get("k_reverse_to_k_forward") is not None:
+                error = f"{row['k_reverse_to_k_forward']:.1e} x k_f"
+            table.add_row(equation, label, _rate(true_value), _rate(row[f"k_{key}_found"]), error)
     console.print(table)
     for equation in comparison["unmatched_found"]:
         console.print(f"extra discovered reaction, not in the true mechanism: {equation}")

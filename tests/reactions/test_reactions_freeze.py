@@ -224,3 +224,19 @@ def test_trainer_same_result_in_chunks():
     np.testing.assert_array_equal(whole.optimizer.theta, split.optimizer.theta)
     np.testing.assert_array_equal(whole.loss_history(), split.loss_history())
     assert isinstance(split, RestartState)
+
+
+def test_torch_and_numpy_backends_agree():
+    c, dcdt = _problem(rows=40)
+    n, R = 4, 3
+    theta = np.random.default_rng(6).uniform(-0.5, 0.5, n * R + 2 * R)
+    W, _, _ = unpack(theta, n, R)
+    W[:, 2] = [0, 1, -1, 0]
+    integer_columns = np.array([False, False, True])
+    results = []
+    for backend in (NumpyMassAction(c, dcdt, R, 1e-8, AdamSettings(lr=1e-2)), TorchMassAction(c, dcdt, R, 1e-8, AdamSettings(lr=1e-2), "cpu")):
+        state = OptimizerState(theta.copy(), np.zeros_like(theta), np.zeros_like(theta))
+        losses = backend.run(state, 100, integer_columns, False, None)
+        results.append((losses, state.theta))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-9)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-9, atol=1e-12)
