@@ -27,7 +27,7 @@ _TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTE
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits in the job."""
+    """Position of this process in the job: global rank, world size, local rank and backend."""
 
     rank: int
     world_size: int
