@@ -178,9 +178,12 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def maybe_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Convert BatchNorm to SyncBatchNorm when running under torch.distributed with more than one process."""
+    """Convert BatchNorm to SyncBatchNorm under torch.distributed with several processes on the NCCL backend.
+
+    CPU runs (gloo) keep per-process BatchNorm statistics.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() == "nccl":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module

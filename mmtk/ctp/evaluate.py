@@ -4,10 +4,10 @@ Each protocol runs once per initialisation in ``inits``: ``pretrained``
 (weights from a ``ctp-pretrain`` ``backbone.pt``) and ``random`` (the same
 architecture, freshly initialised), so the two can be compared in one run.
 
-- Fine-tuning: backbone (fine-tuning strides), global average pool, dropout,
-  linear classifier, trained with the shared trainer; tested with
-  ``view.test_clips`` uniformly spaced clips per video whose softmax scores
-  are averaged; top-1 and top-5 accuracy.
+- Fine-tuning: backbone (fine-tuning strides), global average pool, dropout
+  and a linear classifier, trained with the shared trainer. The test scores
+  average the softmax over ``view.test_clips`` uniformly spaced clips per
+  video. Reports top-1 and top-5 accuracy.
 - Linear probe: frozen backbone, 512-d pooled features averaged over the
   test clips and L2-normalised; multinomial logistic regression (L-BFGS,
   L2 penalty) on the train split; top-1 and top-5 on the test split.

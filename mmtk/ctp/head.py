@@ -72,10 +72,11 @@ class CtPHead(nn.Module):
 
     Steps: Conv3d over the whole feature time axis (with bias) and ReLU;
     RoIAlign (``roi_size`` bins, ``1 / spatial_stride`` scale, 2 samples,
-    aligned); flatten; FC ``hidden``; ReLU; FC ``num_frames * 4``.
+    aligned); flatten; FC ``hidden``; ReLU; FC ``num_frames * 4``. Both
+    FCs start from N(0, ``init_std``) weights and zero biases.
     """
 
-    def __init__(self, in_channels: int, feature_frames: int, num_frames: int, spatial_stride: int, hidden: int = 512, roi_size: int = 5) -> None:
+    def __init__(self, in_channels: int, feature_frames: int, num_frames: int, spatial_stride: int, hidden: int = 512, roi_size: int = 5, init_std: float = 0.001) -> None:
         super().__init__()
         self.num_frames = num_frames
         self.temporal = nn.Conv3d(in_channels, in_channels, (feature_frames, 1, 1))
@@ -85,7 +86,7 @@ class CtPHead(nn.Module):
         nn.init.kaiming_normal_(self.temporal.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.temporal.bias)
         for fc in (self.fc1, self.fc2):
-            nn.init.normal_(fc.weight, std=0.001)
+            nn.init.normal_(fc.weight, std=init_std)
             nn.init.zeros_(fc.bias)
 
     def forward(self, features: torch.Tensor, first_boxes: torch.Tensor) -> torch.Tensor:
@@ -101,11 +102,11 @@ class CtPHead(nn.Module):
 class CtPModel(nn.Module):
     """Backbone plus head: clip [B, 3, T, H, W] and frame-0 boxes [B, P, 4] -> deltas [B*P, T, 4]."""
 
-    def __init__(self, backbone: VideoResNet, num_frames: int, hidden: int = 512) -> None:
+    def __init__(self, backbone: VideoResNet, num_frames: int, hidden: int = 512, init_std: float = 0.001) -> None:
         super().__init__()
         self.backbone = backbone
         feature_frames = max(1, -(-num_frames // backbone.temporal_stride))
-        self.head = CtPHead(backbone.out_channels, feature_frames, num_frames, backbone.spatial_stride, hidden=hidden)
+        self.head = CtPHead(backbone.out_channels, feature_frames, num_frames, backbone.spatial_stride, hidden=hidden, init_std=init_std)
 
     def forward(self, clip: torch.Tensor, first_boxes: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(clip), first_boxes)

@@ -72,6 +72,7 @@ class PretrainRecipe:
     proxy: ProxyTaskConfig = field(default_factory=ProxyTaskConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head_hidden: int = param(512, min=1, help="hidden units of the head's first fully connected layer")
+    head_init_std: float = param(0.001, min=0, min_exclusive=True, help="standard deviation of the initial weights of the head's two fully connected layers")
     train: TrainConfig = field(default_factory=_pretrain_train_config)
 
 
@@ -102,7 +103,7 @@ class CtPTask(TrainingTask):
 
     def build_model(self) -> nn.Module:
         backbone = VideoResNet(self.recipe.backbone, PRETRAIN_STRIDES)
-        model = CtPModel(backbone, self.recipe.clips.num_frames, hidden=self.recipe.head_hidden)
+        model = CtPModel(backbone, self.recipe.clips.num_frames, hidden=self.recipe.head_hidden, init_std=self.recipe.head_init_std)
         log.info("model: %s-%d backbone with %d parameters, head with %d", self.recipe.backbone.arch, self.recipe.backbone.depth, count_parameters(backbone), count_parameters(model.head))
         return maybe_sync_batchnorm(model)
 

@@ -99,6 +99,23 @@ def multi_scale_crop(clip: torch.Tensor, sizes: Sequence[tuple[int, int]], crop_
     return random_crop(clip, crop_size, rng)
 
 
+def random_short_side_crop(clip: torch.Tensor, short_sides: Sequence[int], crop_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """Crop as if the short side were resized to one of ``short_sides`` and a ``crop_size`` square were cut.
+
+    The square window of round(crop_size * short / s) source pixels (s drawn
+    from ``short_sides``) is placed uniformly at random and resized to
+    ``crop_size``. Resizing only the window costs a fraction of resizing
+    whole frames; the scale differs from s by the rounding of the window.
+    """
+    height, width = clip.shape[-2:]
+    short = min(height, width)
+    target = int(short_sides[int(rng.integers(len(short_sides)))])
+    window = min(short, max(1, round(crop_size * short / target)))
+    top = int(rng.integers(0, height - window + 1))
+    left = int(rng.integers(0, width - window + 1))
+    return resize(crop(clip, top, left, window, window), crop_size, crop_size)
+
+
 def hflip(clip: torch.Tensor) -> torch.Tensor:
     """Mirror every frame left to right."""
     return clip.flip(-1)

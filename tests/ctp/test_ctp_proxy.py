@@ -91,11 +91,11 @@ def test_first_and_source_frames_always_visible():
 
 def test_visible_fraction_near_probability():
     tracks, config = many_tracks(count=600)
-    shown = []
+    visible_flags = []
     for track in tracks:
         others = [t for t in range(1, FRAMES) if t != track.source_frame]
-        shown.extend(track.visible[others].tolist())
-    assert np.mean(shown) == pytest.approx(config.visible_prob, abs=0.02)
+        visible_flags.extend(track.visible[others].tolist())
+    assert np.mean(visible_flags) == pytest.approx(config.visible_prob, abs=0.02)
 
 
 def make_track(boxes, visible, source_frame=0, opacity=1.0, shape="rectangle", soft=None):
@@ -175,9 +175,7 @@ def test_sample_targets_match_pasted_boxes():
     from mmtk.ctp import transforms as T
 
     replay = np.random.default_rng(3)
-    clip = T.to_float_clip(frames)
-    clip = T.resize_short_side(clip, int(replay.choice([64])))
-    clip = T.random_crop(clip, 64, replay)
+    clip = T.random_short_side_crop(T.to_float_clip(frames), [64], 64, replay)
     replay.uniform()  # the flip draw
     plain = T.normalize(clip)
     changed = (sample["clip"] - plain).abs().amax(dim=0) > 1e-4  # [T, H, W]
@@ -209,7 +207,7 @@ def test_box_coding_known_values():
     assert torch.allclose(deltas, expected.float(), atol=1e-5)
 
 
-def test_loss_zero_for_perfect_prediction_and_smooth_l1_values():
+def test_loss_values_smooth_l1():
     targets = torch.zeros(2, 3, 4)
     assert float(ctp_loss(targets.clone(), targets)["loss"]) == 0.0
     predictions = torch.zeros(2, 3, 4)
