@@ -194,3 +194,32 @@ class NanTask(tasks.TinyTask):
 def test_nan_loss_stops_run(tmp_path):
     with pytest.raises(MmtkError, match="became nan at step 3"):
         _fit(tmp_path / "run", task_cls=NanTask)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    full, _ = _fit(tmp_path / "fp32", "dropout=0", "train.steps=3")
+    low, summary = _fit(tmp_path / "bf16", "dropout=0", "train.steps=3", "train.precision=bf16")
+
+    assert summary["precision"] == "bf16"
+    assert next(low.model.parameters()).dtype == torch.float32
+    difference = _max_difference(full.model.state_dict(), low.model.state_dict())
+    # bfloat16 keeps 8 significant bits, so the weights move apart a little, but not far.
+    assert 0 < difference < 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")
+def test_cuda_request_exits_2_without_output(tmp_path):
+    from mmtk.core.runner import RunOptions, run_tool
+
+    def tool(context):
+        recipe = context.recipe
+        trainer = Trainer(tasks.TinyTask(recipe), recipe.train, context.run, seed=recipe.seed, device=recipe.device)
+        context.start()
+        return trainer.fit()
+
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text("seed: 0\n")
+    code = run_tool(TOOL, tasks.TinyRecipe, recipe_file, [], RunOptions(out=tmp_path / "run", device="cuda"), tool)
+
+    assert code == 2
+    assert not (tmp_path / "run").exists()
