@@ -443,6 +443,7 @@ class Trainer:
         return dataset
 
     def _wrap(self, model: nn.Module) -> nn.Module:
+        # NOTE: the tests run DDP and FSDP with gloo on CPUs only; the NCCL and CUDA device paths have not been run.
         if self.dist.world_size == 1:
             return model
         if self.config.parallel == "fsdp":
