@@ -198,6 +198,16 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
@@ -337,7 +347,11 @@ def _convert_dataclass(cls: Any, value: Any, path: str) -> Any:
     for name, field in fields.items():
         sub = f"{path}.{name}" if path else name
         if name in value:
-            kwargs[name] = _convert(hints[name], value[name], sub, field)
+            given = value[name]
+            if dataclasses.is_dataclass(hints[name]) and field.default_factory is not _MISSING and isinstance(given, dict):
+                # A partial section keeps the tool's own defaults for the keys it omits.
+                given = _deep_merge(to_dict(field.default_factory()), given)
+            kwargs[name] = _convert(hints[name], given, sub, field)
         elif field.default is _MISSING and field.default_factory is _MISSING:
             help_text = field.metadata.get("help", "")
             raise RecipeError(f"missing recipe key '{sub}'" + (f" ({help_text})." if help_text else ".") + " Add it to the recipe or pass it as an override.")

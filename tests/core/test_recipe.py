@@ -37,6 +37,18 @@ def test_build_nested_and_defaults():
     assert recipe.data is None
 
 
+@dataclass
+class WithToolDefaults:
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.01, method="sgd"))
+
+
+def test_partial_section_keeps_factory_defaults():
+    recipe = build(WithToolDefaults, {"optim": {"epochs": 3}})
+    assert recipe.optim.method == "sgd"
+    assert recipe.optim.lr == 0.01
+    assert recipe.optim.epochs == 3
+
+
 def test_integer_written_in_exponent_form():
     assert build(Toy, {"name": "a", "optim": {"epochs": "1e6"}}).optim.epochs == 1_000_000
 
