@@ -9,7 +9,7 @@ templates rendered in a sandbox, as Hugging Face tokenizers render them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +30,8 @@ class Tokenizer:
     Attributes:
         backend: the ``tokenizers`` object that encodes and decodes.
         bos_token_id, eos_token_id, pad_token_id: special ids, None when absent.
-        add_bos_token: ``encode`` prepends the BOS id when ``add_special_tokens``.
+        add_bos_token: the model expects a BOS id first; the backend's
+            post-processor adds it when encoding with special tokens.
         chat_template: Jinja template over ``messages``, or None.
     """
 
@@ -40,7 +41,6 @@ class Tokenizer:
     pad_token_id: int | None = None
     add_bos_token: bool = False
     chat_template: str | None = None
-    extra_config: dict[str, Any] = field(default_factory=dict)
 
     # ---- encoding ---------------------------------------------------------------------
 
@@ -54,11 +54,8 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Return the ids of ``text``; a BOS id comes first when ``add_bos_token`` and ``add_special_tokens``."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
-        return ids
+        """Return the ids of ``text``; with ``add_special_tokens`` the backend's post-processor adds BOS/EOS ids."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Return the text of ``ids``; special tokens are dropped unless ``skip_special_tokens`` is False."""
@@ -104,16 +101,13 @@ class Tokenizer:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (atomically each)."""
         folder = Path(folder)
         write_text(folder / "tokenizer.json", self.backend.to_str())
-        config = dict(self.extra_config)
-        config.update(
-            {
-                "bos_token": self._special_text(self.bos_token_id) or None,
-                "eos_token": self._special_text(self.eos_token_id) or None,
-                "pad_token": self._special_text(self.pad_token_id) or None,
-                "add_bos_token": self.add_bos_token,
-                "chat_template": self.chat_template,
-            }
-        )
+        config = {
+            "bos_token": self._special_text(self.bos_token_id) or None,
+            "eos_token": self._special_text(self.eos_token_id) or None,
+            "pad_token": self._special_text(self.pad_token_id) or None,
+            "add_bos_token": self.add_bos_token,
+            "chat_template": self.chat_template,
+        }
         write_json(folder / "tokenizer_config.json", config)
 
     @classmethod
@@ -153,12 +147,17 @@ class Tokenizer:
                 value = value.get("content")
             return backend.token_to_id(value) if isinstance(value, str) else None
 
+        bos_token_id = token_id("bos_token")
+        add_bos_token = bool(config.get("add_bos_token", False))
+        if add_bos_token and bos_token_id is not None and backend.encode("", add_special_tokens=True).ids[:1] != [bos_token_id]:
+            # Some folders set add_bos_token without a post-processor that adds it.
+            prepend_bos(backend, bos_token_id)
         return cls(
             backend=backend,
-            bos_token_id=token_id("bos_token"),
+            bos_token_id=bos_token_id,
             eos_token_id=token_id("eos_token"),
             pad_token_id=token_id("pad_token"),
-            add_bos_token=bool(config.get("add_bos_token", False)),
+            add_bos_token=add_bos_token,
             chat_template=template,
         )
 
@@ -208,11 +207,23 @@ class Tokenizer:
             value = metadata.get(key)
             return int(value) if value is not None else None
 
+        bos_token_id = optional_id("tokenizer.ggml.bos_token_id")
+        add_bos_token = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        if add_bos_token and bos_token_id is not None:
+            prepend_bos(backend, bos_token_id)
         return cls(
             backend=backend,
-            bos_token_id=optional_id("tokenizer.ggml.bos_token_id"),
+            bos_token_id=bos_token_id,
             eos_token_id=optional_id("tokenizer.ggml.eos_token_id"),
             pad_token_id=optional_id("tokenizer.ggml.padding_token_id"),
-            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos_token=add_bos_token,
             chat_template=metadata.get("tokenizer.chat_template"),
         )
+
+
+def prepend_bos(backend: BackendTokenizer, bos_token_id: int) -> None:
+    """Make ``backend`` put the BOS token first when it encodes with special tokens."""
+    bos = backend.id_to_token(bos_token_id)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_token_id)]
+    )
