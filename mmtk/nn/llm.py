@@ -326,6 +326,12 @@ class KVCache:
         self.lengths[layer] = new_length
         return buffer_k[:, :, :new_length], buffer_v[:, :, :new_length]
 
+    def crop(self, length: int) -> None:
+        """Forget every position from ``length`` on, for example queries appended for one pass only."""
+        if length < 0:
+            raise ValueError(f"cannot crop a KV cache to a negative length ({length})")
+        self.lengths = [min(current, length) for current in self.lengths]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in ``index`` (for example finished beams removed)."""
         for layer in range(len(self.keys)):

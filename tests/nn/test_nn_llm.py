@@ -259,6 +259,23 @@ def test_query_subset_mask_matches_reference(llama_pair):
     assert (actual.double() - expected).abs().max().item() < TOLERANCE
 
 
+def test_queries_over_cached_context(llama_pair):
+    _, model = llama_pair
+    ids = random_ids(2, 12)
+    embeds = model.embed_tokens(ids).detach()
+    # Full-sequence reference: positions 8..11 read the context 0..7 and themselves only.
+    allowed = torch.ones(12, 12, dtype=torch.bool).tril()
+    allowed[8:, 8:] = torch.eye(4, dtype=torch.bool)
+    with torch.no_grad():
+        expected = model.encode(inputs_embeds=embeds, attention_mask=allowed[None])[:, 8:]
+        cache = model(inputs_embeds=embeds[:, :8], use_cache=True).past_key_values
+        for _ in range(2):  # the cropped cache serves a second query pass unchanged
+            out = model(inputs_embeds=embeds[:, 8:], attention_mask=allowed[None, 8:], past_key_values=cache, use_cache=True, compute_logits=False)
+            cache.crop(8)
+            assert (out.hidden_states - expected).abs().max().item() < TOLERANCE
+    assert cache.get_seq_length() == 8
+
+
 def test_mask_with_wrong_shape_rejected(llama_pair):
     _, model = llama_pair
     ids = random_ids(1, 5)
