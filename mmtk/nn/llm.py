@@ -270,7 +270,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the frequencies in fp32 when the model moves to bf16/fp16, because
+        # low-precision frequencies shift the rotation angles at large positions.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inverse_frequencies(self.config).to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Return cos and sin, each (B, T, head_dim), for integer ``position_ids`` (B, T)."""
@@ -594,7 +603,7 @@ class DecoderLM(nn.Module):
             attention_mask: None, (B, S) padding mask, or (B, T, S) /
                 (B, 1, T, S) mask with True = may attend (S = past + T); see
                 the module docstring.
-            position_ids: (B, T) RoPE positions; default ``past + arange(T)``,
+            position_ids: (B, T) or (T,) RoPE positions; default ``past + arange(T)``,
                 or derived from a 2-D padding mask so padding is skipped.
             past_key_values: a ``KVCache`` from an earlier call (updated in place).
             use_cache: return a cache (a new one when ``past_key_values`` is None).
@@ -623,6 +632,8 @@ class DecoderLM(nn.Module):
                 position_ids = padding_position_ids(attention_mask)[:, -length:]
             else:
                 position_ids = torch.arange(past_length, past_length + length, device=x.device)[None].expand(batch, length)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(batch, length)
         position_ids = position_ids.to(x.device)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, T, hd) each
         mask, is_causal = build_attention_mask(attention_mask, batch, length, past_length, x.dtype, x.device)

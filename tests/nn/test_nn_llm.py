@@ -283,6 +283,15 @@ def test_mask_with_wrong_shape_rejected(llama_pair):
         model(ids, attention_mask=torch.ones(1, 5, 4, dtype=torch.bool))
 
 
+def test_rope_frequencies_stay_fp32_in_bf16():
+    model = DecoderLM(DecoderConfig(vocab_size=11, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, rope_theta=500000.0))
+    model.to(torch.bfloat16)
+    expected = rope_inverse_frequencies(model.config)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rotary.inv_freq, expected)
+
+
 # ---- generation ------------------------------------------------------------------------
 
 
