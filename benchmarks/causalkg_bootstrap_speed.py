@@ -4,8 +4,8 @@ Network alarm (37 variables), ``--samples`` rows, ``--resamples`` bootstrap
 resamples. Both sides run in this one process run, on the same data:
 
 - baseline: a plain loop that calls pgmpy's HillClimbSearch (BIC) on every
-  resample, builds the consensus, fits the tables and answers the
-  interventional queries of every consensus edge on every resample, one
+  resample, builds the consensus, fits the tables and computes the
+  interventional effect of every consensus edge on every resample, one
   resample after another;
 - mmtk: the same calls through ``bootstrap_structures`` and
   ``bootstrap_effects`` on ``--workers`` processes.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from causalkg_common import load_average, load_network, sample_codes  # noqa: E402
+from causalkg_common import load_average, load_network, pin_hash_seed, sample_codes  # noqa: E402
 
 
 def consensus_from_edge_lists(edge_lists, columns, frame, settings):
@@ -72,7 +72,7 @@ def run_baseline(codes, columns, states, resamples, seed):
 
 
 def run_mmtk(codes, columns, states, resamples, seed, workers):
-    """The build's stages with the resamples spread over worker processes."""
+    """Run the build's stages with the resamples spread over worker processes."""
     from mmtk.causalkg.effects import bootstrap_effects, edge_effects, fit_network
     from mmtk.causalkg.structure import StructureSettings, as_categorical, bootstrap_structures, consensus_dag, orient_consensus
 
@@ -86,6 +86,7 @@ def run_mmtk(codes, columns, states, resamples, seed, workers):
 
 
 def main() -> None:
+    pin_hash_seed()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", default="alarm")
     parser.add_argument("--samples", type=int, default=5000)

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import numpy as np
+
+
+def pin_hash_seed() -> None:
+    """Restart this script with PYTHONHASHSEED=0 unless the variable is set.
+
+    pgmpy's hill climbing breaks ties in string-set order, which follows the
+    hash seed. On asia with 5,000 rows, hash seeds 0, 1 and 2 gave SHD 2, 7
+    and 2 for the same data.
+    """
+    if "PYTHONHASHSEED" not in os.environ:
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def load_network(name: str):

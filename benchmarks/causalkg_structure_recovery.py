@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from causalkg_common import edge_metrics, load_average, load_network, sample_codes  # noqa: E402
+from causalkg_common import edge_metrics, load_average, load_network, pin_hash_seed, sample_codes  # noqa: E402
 
 
 def run_baseline(codes, columns, states):
@@ -51,6 +51,7 @@ def run_mmtk(codes, columns, states, resamples, workers, seed, min_effect):
 
 
 def main() -> None:
+    pin_hash_seed()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=["asia", "child", "alarm"])
     parser.add_argument("--samples", type=int, default=5000)

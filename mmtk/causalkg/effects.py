@@ -1,7 +1,7 @@
 """Conditional probability tables and interventional edge effects with pgmpy.
 
 The effect of an edge parent -> child is read from interventional queries
-``P(child | do(parent = s))`` answered by pgmpy's ``CausalInference`` on the
+``P(child | do(parent = s))`` computed by pgmpy's ``CausalInference`` on the
 fitted network (pgmpy picks a back-door adjustment set). For 0/1 variables
 the effect is the average causal effect
 

@@ -6,7 +6,7 @@ DINA model for another cognitive-diagnosis model by name
 
 DINA (deterministic input, noisy "and" gate; Junker and Sijtsma 2001; EM as
 in de la Torre 2009): student i has a binary skill profile alpha_i. Item j
-is answered correctly with probability 1 - s_j when alpha_i holds every
+is answered correctly with probability 1 - s_j when alpha_i contains every
 skill the Q-matrix row q_j requires (eta_ij = 1) and with probability g_j
 otherwise, where s_j is the slip and g_j the guess parameter.
 """

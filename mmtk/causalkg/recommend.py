@@ -33,7 +33,7 @@ log = get_logger(__name__)
 class InterventionalQueries:
     """Cached P(target = 1 | do(skills = 1), evidence) on a fitted 0/1 network.
 
-    An intervention is answered on the mutilated network: incoming edges of
+    An intervention is computed on the mutilated network: incoming edges of
     the intervened skills are cut, which makes them roots, and they are then
     observed at 1. Unlike pgmpy 1.1's ``CausalInference.query``, this also
     accepts an intervened skill that is a descendant of the target (its do()
@@ -224,7 +224,7 @@ def evaluate_paths(
     """Compare the recommended path with topological and random baselines on simulated students.
 
     Students are drawn from the network and kept when they have not mastered
-    the target. Every strategy sees the same uniform draws per student and
+    the target. Every strategy uses the same uniform draws per student and
     step. Returns the mean score and its standard error after k = 0..max_steps
     steps for each strategy.
     """

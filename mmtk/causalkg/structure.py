@@ -15,8 +15,11 @@ process.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -164,6 +167,17 @@ def resample_indices(n_rows: int, seed: int, resample: int) -> np.ndarray:
 WORKER_STATE: dict[str, Any] = {}
 
 
+def _exit_with_parent() -> None:
+    # Linux only: a worker gets SIGTERM when its parent dies, so a killed run leaves no idle workers behind.
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        log.debug("prctl is unavailable; worker %d will not follow its parent's exit", os.getpid())
+
+
 def _init_worker(state: dict[str, Any]) -> None:
     WORKER_STATE.clear()
     WORKER_STATE.update(state)
@@ -213,8 +227,13 @@ def map_resamples(task: Callable[[int], Any], resamples: list[int], state: dict[
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     context = multiprocessing.get_context(method)
     chunk = max(1, len(resamples) // (8 * n_workers))
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=context, initializer=_init_worker, initargs=(state,)) as pool:
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=context, initializer=_init_pool_worker, initargs=(state,)) as pool:
         return list(pool.map(task, resamples, chunksize=chunk))
+
+
+def _init_pool_worker(state: dict[str, Any]) -> None:
+    _exit_with_parent()
+    _init_worker(state)
 
 
 def _learn_resample(resample: int) -> list[Edge]:
@@ -282,13 +301,15 @@ def consensus_dag(bootstrap: BootstrapResult, variables: list[str], threshold: f
 
 
 def orient_consensus(data: pd.DataFrame, consensus: list[Edge], settings: StructureSettings) -> list[Edge]:
-    """Orient the consensus skeleton by hill climbing on all rows, restricted to that skeleton.
+    """Return the DAG found by hill climbing on all rows, restricted to the consensus skeleton.
 
     Majority directions over resamples can contradict each other, because
-    each resample returns an arbitrary member of its equivalence class; one
+    each resample returns an arbitrary member of its equivalence class. One
     score-based search on the full data orients the kept adjacencies
-    consistently. An adjacency the search leaves out is added back in its
-    consensus direction.
+    consistently, and it drops an adjacency the score on all rows does not
+    support. Resampling with replacement duplicates rows, which makes weak
+    dependencies look stable (on asia, tub - lung appeared in 90% of
+    resamples but not in the full-data search).
     """
     variables = list(data.columns)
     allowed = {edge for u, v in consensus for edge in ((u, v), (v, u))} | {tuple(e) for e in settings.required}
@@ -301,6 +322,5 @@ def orient_consensus(data: pd.DataFrame, consensus: list[Edge], settings: Struct
         required=settings.required,
         order=settings.order,
     )
-    oriented = learn_structure(data, restricted)
-    return enforce_constraints([*oriented, *consensus], settings, variables)
+    return enforce_constraints(learn_structure(data, restricted), settings, variables)
 
