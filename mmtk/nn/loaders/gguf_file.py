@@ -139,6 +139,7 @@ def read_gguf_state(reader, config: DecoderConfig, arch: str, path: Path) -> dic
     for tensor in reader.tensors:
         name = tensor.name
         match = _BLOCK_PATTERN.match(name)
+        rest = None
         if match:
             block, rest = match.groups()
             if rest not in BLOCK_TENSOR_NAMES:
@@ -157,16 +158,12 @@ def read_gguf_state(reader, config: DecoderConfig, arch: str, path: Path) -> dic
             raise InputError(f"{path}: cannot dequantise tensor {name} of type {tensor.tensor_type.name}: {exc}") from exc
         values = np.array(values, dtype=np.float32)  # a copy, because F32 tensors are read-only views of the file
 
-        if arch == "llama" and rest_is(match, ("attn_q.weight", "attn_q.bias")):
+        if arch == "llama" and rest in ("attn_q.weight", "attn_q.bias"):
             values = unpermute_rope_rows(values, config.num_heads)
-        elif arch == "llama" and rest_is(match, ("attn_k.weight", "attn_k.bias")):
+        elif arch == "llama" and rest in ("attn_k.weight", "attn_k.bias"):
             values = unpermute_rope_rows(values, config.num_kv_heads)
         state[target] = torch.from_numpy(np.ascontiguousarray(values))
     return state
-
-
-def rest_is(match: re.Match | None, names: tuple[str, ...]) -> bool:
-    return match is not None and match.group(2) in names
 
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[DecoderLM, "Tokenizer | None"]:
