@@ -138,8 +138,13 @@ def run_build(context: RunContext) -> dict[str, Any]:
         return bootstrap.adjacency_frequency(u, v), bootstrap.direction_frequency(u, v)
 
     records = summarise_edges(consensus, effects, samples, frequencies, recipe.effects.confidence)
-    kept = [r for r in records if r["effect"] >= recipe.effects.min_effect]
-    dropped = [{**r, "reason": f"effect {r['effect']:+.3f} below min_effect {recipe.effects.min_effect}"} for r in records if r["effect"] < recipe.effects.min_effect]
+    # Required edges stay whatever their effect, because the user asserted them.
+    required = set(settings.required)
+    kept = [r for r in records if r["effect"] >= recipe.effects.min_effect or (r["parent"], r["child"]) in required]
+    dropped = [{**r, "reason": f"effect {r['effect']:+.3f} below min_effect {recipe.effects.min_effect}"} for r in records if r not in kept]
+    for r in kept:
+        if r["effect"] < recipe.effects.min_effect:
+            log.warning("required edge %s -> %s kept although its effect %+.3f is below min_effect %s", r["parent"], r["child"], r["effect"], recipe.effects.min_effect)
 
     # Final tables on the retained edges.
     final_model = fit_network(frame, [(r["parent"], r["child"]) for r in kept], recipe.effects.equivalent_sample_size)

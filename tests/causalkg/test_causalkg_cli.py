@@ -67,11 +67,14 @@ def test_recommend_file_of_students(cli, frcsub_network, shared_data, tmp_path):
 
 def test_simulated_recipes_end_to_end(cli, tmp_path):
     build = tmp_path / "kg"
-    result = cli("build-causal-kg", "simulated", "data.simulated_students=600", *SMALL_BUILD, "--out", build, "-q")
+    constraints = ["structure.required_edges=[[number_sense, division]]", "structure.forbidden_edges=[[multiplication, division], [division, multiplication]]"]
+    result = cli("build-causal-kg", "simulated", "data.simulated_students=600", *SMALL_BUILD, *constraints, "--out", build, "-q")
     assert result.exit_code == 0, result.output
     network = json.loads((build / "network.json").read_text())
     learned = {frozenset((e["parent"], e["child"])) for e in network["edges"]}
     assert frozenset(("addition", "subtraction")) in learned
+    assert frozenset(("multiplication", "division")) not in learned
+    assert ("number_sense", "division") in {(e["parent"], e["child"]) for e in network["edges"]}
     path = tmp_path / "path"
     result = cli("recommend-path", "simulated", f"network={build / 'network.json'}", *SMALL_EVALUATION, "--out", path, "-q")
     assert result.exit_code == 0, result.output
