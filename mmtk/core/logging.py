@@ -1,8 +1,9 @@
-"""Logging to stderr through rich, plus an optional plain-text log file per run."""
+"""Logging to stderr (through rich on a terminal), plus a plain-text log file per run."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.logging import RichHandler
 LOGGER_NAME = "mmtk"
 
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_STREAM_FORMAT = "[%(asctime)s] %(levelname)s %(message)s"
 
 
 def setup_logging(verbosity: int = 0) -> logging.Logger:
@@ -19,9 +21,18 @@ def setup_logging(verbosity: int = 0) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
     for handler in list(logger.handlers):
-        if isinstance(handler, RichHandler):
+        if getattr(handler, "_mmtk_console", False):
             logger.removeHandler(handler)
-    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, log_time_format="[%X]")
+
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, log_time_format="[%X]")
+    else:
+        # Pipelines and cluster logs get whole lines: rich would fold or cut
+        # long messages, such as file paths, at the console width.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_STREAM_FORMAT, datefmt="%H:%M:%S"))
+    handler._mmtk_console = True  # type: ignore[attr-defined]
     handler.setLevel(level)
     logger.addHandler(handler)
     logger.propagate = False
