@@ -13,7 +13,9 @@ Schedule (defaults are the published values, epochs counted from 0):
   check of the same epoch (so a partial check that completes S freezes W at
   once): when every entry of W is within ``full_tolerance`` (1e-3) of an
   integer, W is rounded and fixed, the penalty is dropped, and from then on
-  only b_f and b_r train.
+  only b_f and b_r train. With ``full_requires_distinct`` (not part of the
+  published rule, default off) the freeze also waits until no column is all
+  zeros or a duplicate of another.
 - The loss of an epoch is evaluated before that epoch's update.
 """
 
@@ -42,6 +44,7 @@ class FreezeSettings:
     duplicate_range: tuple[float, float] = (0.0, 1.0)
     reset_rates: bool = False
     init_range: float = 0.5
+    full_requires_distinct: bool = False
 
 
 # ------------------------------------------------------------- freeze rules
@@ -68,6 +71,12 @@ def duplicate_columns(W: np.ndarray, columns: np.ndarray) -> np.ndarray:
         else:
             distinct.append(column)
     return duplicate
+
+
+def degenerate_columns(W: np.ndarray) -> np.ndarray:
+    """Return a bool per column of an integer W: all zeros, or a duplicate of an earlier column."""
+    nonzero = np.any(W != 0, axis=0)
+    return ~nonzero | duplicate_columns(W, nonzero)
 
 
 @dataclass
@@ -221,6 +230,9 @@ class PPFTrainer:
         """Round and fix W when every entry is within ``full_tolerance`` of an integer."""
         W, _, _ = unpack(state.optimizer.theta, self.n_species, self.n_reactions)
         if not fully_integer(W, self.settings.full_tolerance):
+            return
+        if self.settings.full_requires_distinct and degenerate_columns(np.rint(W)).any():
+            log.info("restart %d epoch %d: W is integer but has all-zero or duplicate columns; not frozen", state.restart, epoch)
             return
         W[:] = np.rint(W)
         state.frozen = True

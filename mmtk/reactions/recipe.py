@@ -74,6 +74,7 @@ class FreezeRecipe:
     duplicate_low: float = param(0.0, help="duplicate integer columns are redrawn U(duplicate_low, duplicate_high)")
     duplicate_high: float = param(1.0, help="upper end of the duplicate redraw range")
     reset_rates: bool = param(False, help="also redraw b_f and b_r of redrawn columns U(-init_range, init_range)")
+    full_requires_distinct: bool = param(False, help="freeze W only when no column is all zeros or a duplicate (equal or negated) of another; off in the published rule")
 
     def __post_init__(self) -> None:
         if self.duplicate_high <= self.duplicate_low:

