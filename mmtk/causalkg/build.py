@@ -15,6 +15,7 @@ Run-folder files (besides the core's recipe.yaml, meta.json, log.txt, summary.js
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,25 @@ def structure_settings(recipe: BuildRecipe, skills: list[str]) -> StructureSetti
     return settings
 
 
+def with_rate_order(settings: StructureSettings, skills: list[str], rates: np.ndarray) -> StructureSettings:
+    """Return ``settings`` that also forbid each edge from a less often to a more often mastered skill.
+
+    Under a noisy-AND prerequisite model a prerequisite is mastered at least
+    as often as any skill that needs it. Pairs with equal rates, required
+    edges and pairs the order already covers stay unconstrained.
+    """
+    required = {tuple(e) for e in settings.required}
+    tier = {name: level for level, names in enumerate(settings.order) for name in names}
+    added = []
+    for a, rate_a in zip(skills, rates):
+        for b, rate_b in zip(skills, rates):
+            ordered = a in tier and b in tier and tier[a] != tier[b]
+            if rate_a < rate_b and (a, b) not in required and not ordered:
+                added.append((a, b))
+    log.info("orient_by_mastery_rate forbids %d edges; skills by mastery rate: %s", len(added), ", ".join(f"{s} {r:.2f}" for s, r in sorted(zip(skills, rates), key=lambda p: -p[1])))
+    return dataclasses.replace(settings, forbidden=[*settings.forbidden, *added])
+
+
 def fit_mastery(recipe: BuildRecipe, data: ResponseData) -> tuple[MasteryModel, np.ndarray]:
     """Fit the mastery model; return it and P(mastered) (students x skills)."""
     if recipe.mastery.model == "dina":
@@ -122,6 +142,9 @@ def run_build(context: RunContext) -> dict[str, Any]:
     for name, rate in zip(data.skill_names, rates):
         if rate in (0.0, 1.0):
             log.warning("skill %s is mastered by %s student; it cannot take part in any edge", name, "every" if rate == 1.0 else "no")
+
+    if recipe.structure.orient_by_mastery_rate:
+        settings = with_rate_order(settings, data.skill_names, rates)
 
     # Structure: bootstrap, then the consensus DAG.
     bootstrap = bootstrap_structures(mastered, data.skill_names, settings, recipe.bootstrap.resamples, recipe.seed, workers)

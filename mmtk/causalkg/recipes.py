@@ -37,6 +37,7 @@ class StructureSection:
     forbidden_edges: list[list[str]] = param(default_factory=list, help="edges [parent, child] that must not appear")
     required_edges: list[list[str]] = param(default_factory=list, help="edges [parent, child] that must appear")
     order: list[list[str]] = param(default_factory=list, help="partial order as tiers of skills: no edge may point from a later tier to an earlier one")
+    orient_by_mastery_rate: bool = param(False, help="forbid edges from a less often mastered skill to a more often mastered one (a prerequisite is mastered at least as often as the skills that need it)")
 
 
 @dataclass

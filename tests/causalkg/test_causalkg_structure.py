@@ -86,6 +86,22 @@ def test_check_constraints_rejects_bad_input():
         check_constraints(StructureSettings(required=[("a", "b"), ("b", "a")]), ["a", "b"])
 
 
+def test_rate_order_forbids_rare_to_common():
+    import numpy as np
+
+    from mmtk.causalkg.build import with_rate_order
+
+    settings = StructureSettings(required=[("c", "a")], order=[["b"], ["c"]])
+    ordered = with_rate_order(settings, ["a", "b", "c"], np.array([0.9, 0.5, 0.2]))
+    forbidden = set(ordered.forbidden)
+    assert ("b", "a") in forbidden
+    assert ("a", "b") not in forbidden
+    # c -> a is required, and b, c are ordered by the tiers already.
+    assert ("c", "a") not in forbidden
+    assert ("c", "b") not in forbidden
+    assert settings.forbidden == []
+
+
 def test_consensus_keeps_frequent_edges_in_majority_direction():
     result = BootstrapResult(n_resamples=10, directed_counts={("a", "b"): 4, ("b", "a"): 3, ("b", "c"): 9, ("a", "c"): 2})
     edges = consensus_dag(result, ["a", "b", "c"], 0.5, StructureSettings())
