@@ -141,7 +141,7 @@ def draw_network(network: CausalKnowledgeNetwork, path: Path, title: str = "") -
     names = network.skill_names
     described = [s for s in network.skills if s.get("description")]
     n_layers = 1 + max(nx.get_node_attributes(graph, "layer").values(), default=0)
-    figure, axes = plt.subplots(figsize=(max(7.0, 1.6 * n_layers), 4.5 + 0.2 * len(described)))
+    figure, axes = plt.subplots(figsize=(max(7.0, 1.6 * n_layers), 5.5 + 0.2 * len(described)))
 
     rates = {s["name"]: s.get("mastery_rate", 0.5) for s in network.skills}
     widths = [1.0 + 5.0 * abs(graph.edges[e].get("effect", 0.0)) for e in graph.edges]
@@ -181,5 +181,5 @@ def _layered_layout(graph: nx.DiGraph) -> dict[str, tuple[float, float]]:
     for layer, nodes in layers.items():
         for rank, node in enumerate(nodes):
             # Alternate layers are shifted so that straight runs through a chain do not line up.
-            positions[node] = (float(layer), rank - (len(nodes) - 1) / 2 + (0.5 if layer % 2 else -0.5))
+            positions[node] = (float(layer), 1.6 * (rank - (len(nodes) - 1) / 2) + (0.4 if layer % 2 else -0.4))
     return positions
