@@ -65,6 +65,19 @@ def test_recommend_file_of_students(cli, frcsub_network, shared_data, tmp_path):
     assert not (out / "evaluation.json").exists()
 
 
+def test_recommend_mastery_file(cli, frcsub_network, tmp_path):
+    students = write(tmp_path / "m.csv", "student,K7,K2\nann,0.9,0.95\nbob,0.1,0.0\n")
+    out = tmp_path / "mastery"
+    result = cli("recommend-path", "frcsub", f"network={frcsub_network}", "student.responses=[]", f"student.file={students}", "student.file_kind=mastery", "evaluate.enabled=false", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    paths = json.loads((out / "paths.json").read_text())
+    assert [s["student"] for s in paths["students"]] == ["ann", "bob"]
+    ann_steps = [step["skill"] for step in paths["students"][0]["steps"]]
+    bob_steps = [step["skill"] for step in paths["students"][1]["steps"]]
+    assert "K7" not in ann_steps
+    assert len(bob_steps) >= len(ann_steps)
+
+
 def test_simulated_recipes_end_to_end(cli, tmp_path):
     build = tmp_path / "kg"
     constraints = ["structure.required_edges=[[number_sense, division]]", "structure.forbidden_edges=[[multiplication, division], [division, multiplication]]"]
