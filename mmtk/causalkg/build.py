@@ -49,7 +49,7 @@ def load_data(recipe: BuildRecipe) -> ResponseData:
             raise InputError(f"data.skill_names has {len(names)} names but the simulated network has {len(cohort.skills)} skills.")
         return ResponseData(cohort.responses, cohort.q_matrix, list(names), [""] * len(names), "simulated arithmetic network")
     if section.responses is None:
-        raise InputError("data.responses is not set. Pass the response file or FrcSub folder, for example data.responses=../shared/data/frcsub.")
+        raise InputError("data.responses is not set. Pass the response file or FrcSub folder, for example data.responses=data/frcsub (get FrcSub with mmtk download-frcsub data/frcsub).")
     return load_response_data(section.responses, section.q_matrix, section.skills, section.skill_names or None)
 
 

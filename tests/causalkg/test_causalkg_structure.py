@@ -71,7 +71,7 @@ def test_learners_obey_constraints(arithmetic_profiles, algorithm):
 def test_enforce_constraints_reverses_and_breaks_cycles():
     settings = StructureSettings(order=[["a"], ["b"]], forbidden=[("c", "a")])
     edges = enforce_constraints([("b", "a"), ("a", "c"), ("c", "b"), ("b", "a")], settings, ["a", "b", "c"])
-    # b -> a points against the order, so it is reversed to a -> b; the repeat is skipped.
+    # b -> a points against the order, so it is reversed to a -> b. The repeated edge is skipped.
     assert set(edges) == {("a", "b"), ("a", "c"), ("c", "b")}
     cyclic = enforce_constraints([("a", "b"), ("b", "c"), ("c", "a")], StructureSettings(forbidden=[("a", "c")]), ["a", "b", "c"])
     assert set(cyclic) == {("a", "b"), ("b", "c")}
