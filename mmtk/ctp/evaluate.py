@@ -78,6 +78,7 @@ class EvaluateRecipe:
 
     seed: int = param(0, help="random seed")
     device: str = param("auto", help="torch device: auto, cpu, cuda or cuda:N")
+    threads: Optional[int] = param(None, min=1, help="torch CPU threads per process (torch.set_num_threads); null keeps torch's default")
     checkpoint: Optional[Path] = param(None, help="backbone.pt written by ctp-pretrain; required when inits includes 'pretrained'")
     inits: list[Literal["pretrained", "random"]] = param(default_factory=lambda: ["pretrained", "random"], help="backbone initialisations to evaluate")
     protocols: list[Literal["finetune", "linear_probe", "retrieval"]] = param(default_factory=lambda: ["finetune", "linear_probe", "retrieval"], help="evaluations to run")
@@ -252,6 +253,8 @@ def prepare_data(recipe: EvaluateRecipe, smoke_root: Path) -> EvaluationData:
 def run(context: RunContext) -> dict[str, Any]:
     """Validate, then run each protocol for each initialisation and write the summary."""
     recipe: EvaluateRecipe = context.recipe
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
     if "pretrained" in recipe.inits and recipe.checkpoint is None:
         raise InputError("inits includes 'pretrained' but checkpoint is not set. Pass checkpoint=<ctp-pretrain run>/backbone.pt, or inits=[random].")
     pretrained = load_pretrained_backbone(recipe.checkpoint) if recipe.checkpoint is not None else None

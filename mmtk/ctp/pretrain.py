@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -67,6 +67,7 @@ class PretrainRecipe:
 
     seed: int = param(0, help="random seed")
     device: str = param("auto", help="torch device: auto, cpu, cuda or cuda:N")
+    threads: Optional[int] = param(None, min=1, help="torch CPU threads per process (torch.set_num_threads); null keeps torch's default")
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
     clips: PretrainClipConfig = field(default_factory=PretrainClipConfig)
     proxy: ProxyTaskConfig = field(default_factory=ProxyTaskConfig)
@@ -234,6 +235,8 @@ def render_tracks(context: RunContext, task: CtPTask, model: nn.Module) -> dict[
 def run(context: RunContext) -> dict[str, Any]:
     """Validate the input, pretrain with the shared trainer, and write the backbone, pictures and summary."""
     recipe: PretrainRecipe = context.recipe
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
     torch_threads = torch.get_num_threads()
     data = prepare_data(recipe)
     if recipe.train.batch_size > len(data.train_ranges) * recipe.clips.clips_per_video:
