@@ -10,9 +10,9 @@ Schedule (defaults are the published values, epochs counted from 0):
   integer column (equal or negated) leave S and are redrawn U(0, 1). Every
   other column outside S is redrawn U(-2, 2).
 - Full-freeze check, at every multiple of ``check_every``, after the partial
-  check of the same epoch (so a partial check that completes S freezes W at
-  once): when every entry of W is within ``full_tolerance`` (1e-3) of an
-  integer, W is rounded and fixed, the penalty is dropped, and from then on
+  check of the same epoch, so a partial check that completes S freezes W at
+  once. When every entry of W is within ``full_tolerance`` (1e-3) of an
+  integer, W is rounded and fixed and the penalty is dropped. From then on
   only b_f and b_r train. With ``full_requires_distinct`` (not part of the
   published rule, default off) the freeze also waits until no column is all
   zeros or a duplicate of another.

@@ -35,7 +35,7 @@ class SimulationRecipe:
 
 @dataclass
 class DerivativeRecipe:
-    """How dc/dt is estimated when a data file does not hold it."""
+    """The dc/dt estimator for data files without dc/dt."""
 
     method: Literal["smoothing_spline", "finite_difference"] = param("smoothing_spline", help="smoothing_spline (scipy make_smoothing_spline) or finite_difference (numpy.gradient)")
     smoothing: Optional[float] = param(None, help="smoothing spline penalty lam; null chooses it by generalized cross-validation", min=0.0)
@@ -43,7 +43,7 @@ class DerivativeRecipe:
 
 @dataclass
 class DataRecipe:
-    """Where the (c, dc/dt) pairs come from and how they are split."""
+    """Source of the (c, dc/dt) pairs and their train/validation split."""
 
     source: Literal["simulate", "file"] = param("simulate", help="simulate the mechanism, or read data.file")
     mechanism: Optional[str] = param(None, help="mechanism YAML path or bundled name to simulate; also the ground truth unless data.truth is set")
@@ -116,10 +116,6 @@ class DiscoverRecipe:
     data: DataRecipe = field(default_factory=lambda: DataRecipe(mechanism="hydrogen-oxidation"))
     rate_fit: RateFitRecipe = field(default_factory=RateFitRecipe)
 
-    def __post_init__(self) -> None:
-        if self.train.backend == "numpy" and self.device != "cpu":
-            raise ValueError(f"train.backend 'numpy' runs on the CPU only, but device is {self.device!r}; use train.backend=torch or auto")
-
 
 @dataclass
 class SimulateRecipe:
@@ -131,11 +127,13 @@ class SimulateRecipe:
     simulation: SimulationRecipe = field(default_factory=SimulationRecipe)
 
 
-def check_device(device: str) -> None:
-    """Raise RecipeError when ``device`` is not a torch device string."""
+def check_device(recipe: DiscoverRecipe) -> None:
+    """Raise RecipeError for an invalid torch device or a device the numpy backend cannot use."""
     import torch
 
     try:
-        torch.device(device)
+        torch.device(recipe.device)
     except RuntimeError as exc:
-        raise RecipeError(f"recipe key 'device': invalid torch device {device!r} ({exc}); use cpu, cuda or cuda:N.") from None
+        raise RecipeError(f"recipe key 'device': invalid torch device {recipe.device!r} ({exc}); use cpu, cuda or cuda:N.") from None
+    if recipe.train.backend == "numpy" and recipe.device != "cpu":
+        raise RecipeError(f"train.backend 'numpy' runs on the CPU only, but device is {recipe.device!r}; use train.backend=torch or auto.")

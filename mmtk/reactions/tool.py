@@ -297,7 +297,7 @@ def run_discover(context: RunContext) -> dict[str, Any]:
 
 def _run_discover(context: RunContext) -> dict[str, Any]:
     recipe: DiscoverRecipe = context.recipe
-    check_device(recipe.device)
+    check_device(recipe)
     if recipe.device.startswith("cuda"):
         import torch
 

@@ -207,3 +207,35 @@ def test_sigterm_saves_checkpoint_and_resumes(tmp_path):
     uninterrupted = subprocess.run([*command, "--out", str(whole)], env=env, capture_output=True, timeout=300)
     assert uninterrupted.returncode == 0, uninterrupted.stderr.decode()
     assert _result_of(stopped) == _result_of(whole)
+
+
+def test_device_option_errors_exit_2(cli, tmp_path, caplog):
+    import torch
+
+    out = tmp_path / "run"
+    result = cli("discover-reactions", "michaelis-menten", "train.backend=numpy", "--device", "cuda", "--out", out)
+    assert result.exit_code == 2
+    assert "CPU only" in result.output + caplog.text
+    if not torch.cuda.is_available():
+        result = cli("discover-reactions", "michaelis-menten", "--device", "cuda", "--out", out)
+        assert result.exit_code == 2
+        assert "CUDA is not available" in result.output + caplog.text
+    assert not out.exists()
+
+
+def test_bundled_recipes_validate():
+    from mmtk.core.recipe import list_bundled_recipes, load_recipe
+    from mmtk.reactions.mechanism import bundled_mechanisms
+    from mmtk.reactions.recipe import DiscoverRecipe, SimulateRecipe
+
+    listing = list_bundled_recipes()
+    assert {"hydrogen-oxidation", "hydrogen-oxidation-paper", "michaelis-menten", "linear-chain", "small"} <= set(listing["discover-reactions"])
+    for name in listing["discover-reactions"]:
+        recipe = load_recipe(DiscoverRecipe, name, tool="discover-reactions")
+        assert recipe.data.mechanism in bundled_mechanisms()
+    for name in listing["simulate-reactions"]:
+        assert load_recipe(SimulateRecipe, name, tool="simulate-reactions").mechanism == name
+    hydrogen = load_recipe(DiscoverRecipe, "hydrogen-oxidation", tool="discover-reactions")
+    assert hydrogen.train.freeze.check_every == 10_000
+    assert hydrogen.train.freeze.stall_lag == 1_000
+    assert hydrogen.train.lr == 1e-3
