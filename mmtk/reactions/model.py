@@ -222,7 +222,10 @@ def penalty_grad(theta: np.ndarray, n_species: int, n_reactions: int) -> np.ndar
 
 
 class TorchMassAction:
-    """The same layer and Adam update in torch, with autograd, on any device (float64)."""
+    """The same layer and Adam update in torch, with autograd, on any device (float64).
+
+    NOTE: the tests run this backend on the CPU only; it has not been run on a CUDA device yet.
+    """
 
     def __init__(self, concentrations: np.ndarray, dcdt: np.ndarray, n_reactions: int, penalty: float, adam: AdamSettings, device: str) -> None:
         import torch

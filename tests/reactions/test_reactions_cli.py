@@ -18,8 +18,6 @@ import yaml
 from mmtk.reactions.data import SCHEMA
 from mmtk.reactions.mechanism import load_mechanism
 
-# A short schedule (checks every 5,000 epochs) under which seed 3 freezes the exact Michaelis-Menten W.
-MM_FAST = ["--seed", "3", "train.epochs=150000", "train.freeze.check_every=5000", "train.freeze.stall_lag=500", "data.simulation.experiments=30"]
 
 # A cheap run for resume tests; whether it converges does not matter.
 SHORT = ["train.epochs=12000", "train.freeze.check_every=2000", "train.freeze.stall_lag=200", "train.log_every=1000", "train.checkpoint_every=4000", "data.simulation.experiments=10"]
@@ -32,7 +30,8 @@ def _summary(result) -> dict:
 
 def test_michaelis_menten_recovered(cli, tmp_path):
     out = tmp_path / "mm"
-    summary = _summary(cli("discover-reactions", "michaelis-menten", *MM_FAST, "--out", out, "--json", "-q"))
+    # The small recipe: 30 experiments, checks every 5,000 epochs, seed 3.
+    summary = _summary(cli("discover-reactions", "small", "--out", out, "--json", "-q"))
     comparison = summary["comparison"]
     assert comparison["stoichiometry_match"]
     assert comparison["canonical_matrix_equal"]
