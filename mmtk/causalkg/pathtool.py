@@ -99,7 +99,7 @@ def run_recommend(context: RunContext) -> dict[str, Any]:
         mastery = {s: float(p) for s, p in zip(skills, row)}
         steps = recommend_path(network, mastery, recipe.target, queries)
         entries.append({"student": name, "mastery": mastery, "target": recipe.target, "steps": [s.to_dict() for s in steps]})
-        texts.append(explain_path(steps, recipe.target, name))
+        texts.append(explain_path(steps, recipe.target, name, network.settings.get("effects", {}).get("confidence", 0.95)))
     write_json(context.run.file("paths.json"), {"target": recipe.target, "mastery_threshold": network.mastery_threshold, "students": entries})
     write_text(context.run.file("paths.txt"), "\n".join(texts))
     context.console.print(texts[0] if len(texts) == 1 else f"{len(texts)} paths written; first:\n{texts[0]}", markup=False, highlight=False, soft_wrap=True)

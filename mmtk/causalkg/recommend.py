@@ -161,8 +161,8 @@ def recommend_path(network: CausalKnowledgeNetwork, mastery: dict[str, float], t
     return steps
 
 
-def explain_path(steps: list[PathStep], target: str, student: str = "student") -> str:
-    """Render a path as numbered plain-text lines a teacher can read."""
+def explain_path(steps: list[PathStep], target: str, student: str = "student", confidence: float = 0.95) -> str:
+    """Render a path as numbered plain-text lines a teacher can read; ``confidence`` labels the intervals."""
     if not steps:
         return f"{student}: {target} is already mastered; nothing to learn.\n"
     lines = [f"{student}: learning path to {target} ({len(steps)} step(s))"]
@@ -172,7 +172,7 @@ def explain_path(steps: list[PathStep], target: str, student: str = "student") -
         if step.prerequisites:
             lines.append(f"     prerequisites in place: {', '.join(step.prerequisites)}")
         for edge in step.edges:
-            interval = f", 95% CI [{edge['ci_low']:+.2f}, {edge['ci_high']:+.2f}]" if edge.get("ci_low") is not None else ""
+            interval = f", {100 * confidence:g}% interval [{edge['ci_low']:+.2f}, {edge['ci_high']:+.2f}]" if edge.get("ci_low") is not None else ""
             lines.append(f"     edge {edge['parent']} -> {edge['child']}: causal effect {edge['effect']:+.2f}{interval}, in {100 * edge['frequency']:.0f}% of bootstrap graphs")
     return "\n".join(lines) + "\n"
 
