@@ -1,11 +1,11 @@
 """Fréchet distance of MMAR samples to real coco-mini photos, v- against eps-prediction after the same training.
 
-Trains two models with the same recipe, seed and data, differing only in
-``model.pred`` (or reuses finished runs given with ``--runs``), generates
-one image per caption for the same prompts with the same seed, and compares
-EfficientNet-lite0 pooled features (1280-d, images upsampled to 224 px) of
-the samples with those of the real photos (centre crops at the model
-resolution). Also reported: the autoencoder's own reconstructions of the
+Trains two models with the same recipe, seed and data that differ only in
+``model.pred``, or reuses finished runs given with ``--runs``. Each model
+generates one image per caption for the same prompts with the same seed.
+The script compares EfficientNet-lite0 pooled features (1280-d, images
+upsampled to 224 px) of the samples with those of the real photos (centre
+crops at the model resolution). Also reported: the autoencoder's own reconstructions of the
 real photos, a floor that no generator on these latents can beat.
 
 NOT comparable to standard FID (Inception-v3, 50k samples): a different

@@ -1,9 +1,9 @@
 """Diffusion-head sampling throughput: one batched call over all tokens against a per-token loop.
 
 Both sides run the same head (adaLN MLP, random weights), the same number of
-DDPM steps and the same torch thread count; the batched side samples every
-token of every image in one call to ``DiffusionLoss.sample``, the loop side
-calls it once per token. Reports tokens per second and the ratio.
+DDPM steps and the same torch thread count. The batched side samples every
+token in one call to ``DiffusionLoss.sample``, and the loop side calls it
+once per token. Reports tokens per second and the ratio.
 
     .venv/bin/python benchmarks/mmar_head_throughput.py --tokens 256 --steps 50 --threads 1
 """

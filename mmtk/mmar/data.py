@@ -86,7 +86,7 @@ def split_heldout(records: Sequence[CaptionedImage], every: int) -> tuple[list[C
 def read_prompt_file(path: str | Path) -> list[str]:
     """Read one caption per line from a text file (blank lines and ``#`` comments skipped).
 
-    Raises InputError when the file is missing or holds no caption.
+    Raises InputError when the file is missing or contains no caption.
     """
     path = Path(path)
     if not path.is_file():

@@ -86,9 +86,9 @@ def generate_tokens(model: MMAR, captions: list[list[int]], bos_id: int, eos_id:
 def teacher_forced_completion_error(model: MMAR, captions: list[list[int]], tokens: torch.Tensor, bos_id: int, eos_id: int, settings: GenerationSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """Return the per-iteration mean squared error of tokens sampled with the true tokens revealed so far.
 
-    At iteration k the model sees the true tokens at the already revealed
-    positions and samples the newly revealed ones; the error against the
-    true tokens shows where a model has not learned to fill the last tokens.
+    At iteration k the model is given the true tokens at the already
+    revealed positions and samples the newly revealed ones. A high error in
+    the last iterations shows that a model never learned to fill the last tokens.
     Returns a (K,) tensor.
     """
     config = model.config

@@ -36,7 +36,7 @@ TOOL = "train-kl-autoencoder"
 
 @dataclass
 class PhotoData:
-    """Where the training photos come from and how they are cropped."""
+    """Source folder of the training photos and their random crops."""
 
     images: Path = param(Path("../shared/data/coco-mini"), help="folder with captions.jsonl and images/ (coco-mini layout)")
     heldout_every: int = param(10, min=0, help="every n-th image in image-id order is held out for evaluation (0: none); keep equal to train-mmar's data.heldout_every")

@@ -9,7 +9,7 @@ Sequences are left-padded to a common length. Because rotary position
 embeddings depend only on relative offsets, the padding does not change
 what the real positions compute. Attention is causal everywhere, except that
 the N image positions of one image attend to each other in both directions
-(or causally, with ``image_attention="causal"``); padding is never attended.
+(or causally, with ``image_attention="causal"``). No query attends to padding.
 """
 
 from __future__ import annotations

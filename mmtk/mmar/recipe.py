@@ -30,7 +30,7 @@ class MMARAutoencoder:
     weights: Optional[Path] = param(None, help="local LDM KL-16 weights (.ckpt or .safetensors); used when checkpoint is null")
     resolution: int = param(64, min=8, help="image size in px (256 for LDM KL-16)")
     scale_factor: Optional[float] = param(None, help="latent scale; null takes the checkpoint's value (or estimates it for KL-16 weights; MAR uses 0.2325)")
-    patch_size: int = param(2, min=1, help="latent patch grouping p: one token holds p x p latent pixels (MAR: 1)")
+    patch_size: int = param(2, min=1, help="latent patch grouping p: one token contains p x p latent pixels (MAR: 1)")
 
 
 @dataclass

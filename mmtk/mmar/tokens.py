@@ -30,10 +30,10 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int, height: int
 def sample_mask_ratios(n: int, low: float, high: float, distribution: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw ``n`` mask ratios in [low, high].
 
-    ``"truncnorm"``: a normal with mean 1.0 and std 0.25 truncated to
-    [low, high] (MAR's ratio distribution; with low 0.7 and high 1 it is the
-    first MMAR stage). ``"uniform"``: uniform on [low, high] (the second stage,
-    with [0, 1]).
+    ``"truncnorm"`` is a normal with mean 1.0 and std 0.25 truncated to
+    [low, high], MAR's ratio distribution. With [0.7, 1] it gives the first
+    MMAR stage. ``"uniform"`` is uniform on [low, high], and with [0, 1] it
+    gives the second stage.
     """
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"mask ratio range must satisfy 0 <= low <= high <= 1, got [{low}, {high}]")

@@ -1,10 +1,10 @@
 """``mmtk train-mmar``: train MMAR on captioned photos, then generate and caption held-out ones.
 
-Pipeline: read the photos and captions, encode the photos once into a latent
-cache (HDF5) with the frozen autoencoder, build the caption vocabulary and
-the model, train with the shared trainer (mixed text-to-image and
-image-to-text batches, staged mask ratios), then write ``model.pt`` and, on
-held-out data, ``generated.png`` and ``captions.jsonl``.
+The pipeline reads the photos and captions and encodes the photos once into a
+latent cache (HDF5) with the frozen autoencoder. It then builds the caption
+vocabulary and the model and trains with the shared trainer, on mixed
+text-to-image and image-to-text batches with staged mask ratios. Last, it
+writes ``model.pt`` and, on held-out data, ``generated.png`` and ``captions.jsonl``.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def build_backbone(recipe: MMARRecipe, vocabulary: CaptionVocabulary):
 
 
 def build_model(recipe: MMARRecipe, vocabulary: CaptionVocabulary, token_dim: int, num_tokens: int):
-    """Return the MMAR model with LoRA applied as the recipe asks."""
+    """Return the MMAR model, with LoRA on the decoder when the recipe sets a rank."""
     from mmtk.mmar.model import MMAR, MMARConfig
     from mmtk.nn.lora import add_lora
 
@@ -279,7 +279,7 @@ def run(context) -> dict[str, Any]:
     if recipe.data.latent_cache is not None:
         cache = read_latent_cache(recipe.data.latent_cache)
         if len(cache.names) != len(ordered) or cache.resolution != recipe.autoencoder.resolution:
-            raise InputError(f"latent cache {recipe.data.latent_cache} holds {len(cache.names)} images at {cache.resolution} px, but the recipe has {len(ordered)} images at {recipe.autoencoder.resolution} px; set data.latent_cache: null to rebuild it.")
+            raise InputError(f"latent cache {recipe.data.latent_cache} contains {len(cache.names)} images at {cache.resolution} px, but the recipe has {len(ordered)} images at {recipe.autoencoder.resolution} px; set data.latent_cache: null to rebuild it.")
     tokenizer = load_base_tokenizer(recipe.text.tokenizer)
     train_captions = [c for i in train_rows for c in ordered[i].captions]
     if recipe.text.compact_vocab:

@@ -270,7 +270,7 @@ class KLAutoencoder(nn.Module):
     """Encoder, decoder and the 1x1 ``quant_conv``/``post_quant_conv`` around the latent.
 
     ``scale_factor`` multiplies latents so that they have about unit std for
-    the model that consumes them (MAR uses 0.2325 for LDM KL-16); a trained
+    the model that consumes them (MAR uses 0.2325 for LDM KL-16). A trained
     mmtk autoencoder stores its own estimate.
     """
 

@@ -76,7 +76,7 @@ def test_memorised_image_is_captioned(memorised):
     assert caption_tokens(model, images, BOS, EOS, max_new_tokens=6) == captions
 
 
-def test_image_positions_see_each_other_but_caption_does_not():
+def test_image_span_attention_in_model():
     torch.manual_seed(0)
     model = tiny_model().eval()
     sequences = build_sequences(["t2i"], [[5, 6]], 8, BOS, EOS)
