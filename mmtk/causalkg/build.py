@@ -181,6 +181,8 @@ def run_build(context: RunContext) -> dict[str, Any]:
         settings={"structure": to_dict(recipe.structure), "bootstrap": to_dict(recipe.bootstrap), "effects": to_dict(recipe.effects), "data_source": data.source, "n_students": data.n_students},
     )
     files = write_outputs(context, recipe, network, final_model, bootstrap, data, mastery_model, probabilities, mastered)
+    if isinstance(mastery_model, DINA):
+        print_item_parameters(context, mastery_model, data.skill_names)
     print_summary(context, network, data)
 
     summary = {
@@ -228,6 +230,16 @@ def write_outputs(context, recipe, network, final_model, bootstrap, data, master
     figure = run.file(f"network.{recipe.figure_format}")
     draw_network(network, figure)
     return {name: str(run.file(name)) for name in ("network.json", "network.graphml", figure.name, "cpts.txt", "bootstrap.json", "mastery.h5")}
+
+
+def print_item_parameters(context: RunContext, model: DINA, skill_names: list[str]) -> None:
+    """Print the fitted DINA slip and guess of every item."""
+    from rich.table import Table
+
+    table = Table("item", "skills needed", "slip", "guess", title=f"DINA item parameters (log-likelihood {model.log_likelihood:.2f})")
+    for item, (row, slip, guess) in enumerate(zip(model.q_matrix, model.slip, model.guess), start=1):
+        table.add_row(str(item), " ".join(skill_names[k] for k in np.flatnonzero(row)), f"{slip:.3f}", f"{guess:.3f}")
+    context.console.print(table)
 
 
 def print_summary(context: RunContext, network: CausalKnowledgeNetwork, data: ResponseData) -> None:
