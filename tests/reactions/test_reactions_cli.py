@@ -49,6 +49,16 @@ def test_michaelis_menten_recovered(cli, tmp_path):
     np.testing.assert_allclose(found.rhs(c), truth.rhs(c), rtol=1e-5, atol=1e-6)
 
 
+def test_adam_rate_fit_after_freeze(cli, tmp_path):
+    summary = _summary(cli("discover-reactions", "small", "rate_fit.method=adam", "train.epochs=110000", "--out", tmp_path / "run", "--json", "-q"))
+    restart = summary["restarts"][0]
+    assert restart["rate_fit"] == {"method": "adam"}
+    assert restart["frozen_epoch"] is not None
+    assert restart["epochs_run"] == 110000, "Adam keeps training the rates after the freeze"
+    assert summary["comparison"]["stoichiometry_match"]
+    assert summary["comparison"]["max_rate_relative_error"] < 1e-4
+
+
 def test_simulate_reactions_writes_schema(cli, tmp_path):
     out = tmp_path / "sim"
     summary = _summary(cli("simulate-reactions", "michaelis-menten", "simulation.experiments=3", "simulation.points=5", "--out", out, "--json", "-q"))
