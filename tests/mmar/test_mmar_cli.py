@@ -221,3 +221,20 @@ def test_resume_matches_uninterrupted_run(trained, cli, tmp_path):
     part_state = torch.load(part / "model.pt", weights_only=True)["model"]
     for name, tensor in full_state.items():
         assert torch.equal(tensor, part_state[name]), name
+
+
+def test_two_process_ddp_run(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    args = tiny_mmar(trained["autoencoder"], trained["tokenizer"]) + [f"data.images={trained['coco']}", f"data.latent_cache={trained['run'] / 'latents.h5'}", "train.batch_size=8", "sample.num_images=0", "sample.num_captions=0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mmtk_commands.main", "train-mmar", "small", "--out", str(out), "-q", *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["world_size"] == 2
+    assert summary["train"]["steps"] == 4
+    assert (out / "model.pt").is_file()
