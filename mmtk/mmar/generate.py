@@ -90,6 +90,9 @@ def teacher_forced_completion_error(model: MMAR, captions: list[list[int]], toke
     revealed positions and samples the newly revealed ones. A high error in
     the last iterations shows that a model never learned to fill the last tokens.
     Returns a (K,) tensor.
+
+    TODO: no test yet compares a model trained only on ratios >= 0.7 with
+    one trained on [0, 1] through this error (the "holes" check).
     """
     config = model.config
     device = tokens.device

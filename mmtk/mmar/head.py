@@ -84,6 +84,10 @@ class DiffusionHead(nn.Module):
 
     Every adaLN output layer and the final Linear start at zero, so the
     head outputs exactly 0 until it is trained.
+
+    TODO: MAR's head also outputs a learned variance (2 x D outputs, trained
+    with a variational-bound term); this head outputs D values and the
+    sampler uses the fixed posterior variance.
     """
 
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 3) -> None:
