@@ -62,13 +62,17 @@ class Samples:
     dcdt_method: str
 
 
-def save_trajectories(path: str | Path, trajectories: Trajectories, attrs: dict[str, Any] | None = None) -> Path:
-    """Write trajectories in the ``mmtk.reactions.trajectories/1`` schema atomically."""
+def save_trajectories(path: str | Path, trajectories: Trajectories, attrs: dict[str, Any] | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write trajectories in the ``mmtk.reactions.trajectories/1`` schema atomically.
+
+    ``extra`` holds further datasets written in the same file, such as a run's split.
+    """
     datasets = {
         "species": list(trajectories.species),
         "time": trajectories.time,
         "concentrations": trajectories.concentrations,
         "dcdt": trajectories.dcdt,
+        **(extra or {}),
     }
     return write_datasets(path, datasets, schema=SCHEMA, attrs={"dcdt_method": trajectories.dcdt_method, **(attrs or {})})
 

@@ -116,6 +116,7 @@ class PreparedData:
     source: str
 
     def fingerprint(self) -> str:
+        """Return the SHA-256 of the training concentrations and dc/dt."""
         digest = hashlib.sha256()
         for array in (self.samples.concentrations[self.train_rows], self.samples.dcdt[self.train_rows]):
             digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
@@ -321,9 +322,8 @@ def _run_discover(context: RunContext) -> dict[str, Any]:
     context.start()
     started = time.perf_counter()
     if prepared.trajectories is not None and resume_state is None:
-        attrs = {"seed": recipe.seed}
-        save_trajectories(context.run.file("data.h5"), prepared.trajectories, attrs=attrs)
-        _append_split(context.run.file("data.h5"), prepared)
+        split = {"train_rows": prepared.train_rows, "validation_rows": prepared.validation_rows}
+        save_trajectories(context.run.file("data.h5"), prepared.trajectories, attrs={"seed": recipe.seed}, extra=split)
 
     backend, backend_name = make_backend(recipe, prepared.samples, prepared.train_rows)
     log.info("PPF on %d training and %d validation samples of %s (dc/dt %s), %d reactions, %s backend on %s", prepared.train_rows.size, prepared.validation_rows.size, prepared.source, prepared.samples.dcdt_method, R, backend_name, recipe.device)
@@ -383,14 +383,6 @@ def _run_discover(context: RunContext) -> dict[str, Any]:
             save(None)
 
     return report(context, recipe, prepared, results, histories, backend_name, time.perf_counter() - started)
-
-
-def _append_split(path, prepared: PreparedData) -> None:
-    import h5py
-
-    with h5py.File(path, "a") as handle:
-        handle.create_dataset("train_rows", data=prepared.train_rows)
-        handle.create_dataset("validation_rows", data=prepared.validation_rows)
 
 
 class _NoProgress:
