@@ -92,3 +92,39 @@ def test_image_span_attention_in_model():
     assert not torch.allclose(before[0, start], after[0, start])
     # ... but not the caption or BOI positions before the image.
     assert torch.allclose(before[0, :start], after[0, :start])
+
+
+class StubTokenizer:
+    vocab_size = 16
+    bos_token_id = BOS
+    eos_token_id = EOS
+
+
+def test_lora_trains_adapters_and_image_side_only():
+    from mmtk.core.recipe import load_recipe
+    from mmtk.mmar.data import CaptionVocabulary
+    from mmtk.mmar.recipe import MMARRecipe
+    from mmtk.mmar.train import build_model
+    from mmtk.nn.lora import add_lora
+
+    overrides = [
+        "autoencoder.checkpoint=unused.pt", "backbone.hidden_size=32", "backbone.num_layers=2", "backbone.num_heads=2",
+        "backbone.intermediate_size=64", "backbone.lora_rank=4", "backbone.train_embeddings=false",
+        "model.vit_width=32", "model.vit_heads=2", "model.head_width=32",
+    ]
+    recipe = load_recipe(MMARRecipe, "small", overrides, tool="train-mmar")
+    model = build_model(recipe, CaptionVocabulary(StubTokenizer(), None), token_dim=4, num_tokens=8)
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "backbone.layers.0.self_attn.q_proj.lora_A" in trainable
+    assert "backbone.layers.0.self_attn.q_proj.weight" not in trainable
+    assert "backbone.embed_tokens.weight" not in trainable
+    assert "backbone.layers.1.mlp.up_proj.weight" not in trainable
+    assert "diffusion.head.final_layer.linear.weight" in trainable
+    assert "vit.mask_token" in trainable
+    assert "projector.fc1.weight" in trainable
+
+    # The saved state loads into a fresh model with the same adapters, as mmar-generate rebuilds it.
+    rebuilt = MMAR(model.config)
+    add_lora(rebuilt.backbone, recipe.backbone.lora_targets, rank=4, freeze_base=False)
+    rebuilt.load_state_dict(model.state_dict())
