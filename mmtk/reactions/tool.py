@@ -284,9 +284,11 @@ def _result_to_checkpoint(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _result_from_checkpoint(entry: dict[str, Any]) -> dict[str, Any]:
+    """Turn a finished restart's checkpoint entry back into numpy arrays (W, rates and loss history)."""
     result = dict(entry)
-    for key in ("W", "log_forward", "log_reverse"):
-        result[key] = entry[key].numpy().copy()
+    for key in ("W", "log_forward", "log_reverse", "losses"):
+        if key in entry:
+            result[key] = entry[key].numpy().copy()
     return result
 
 

@@ -195,6 +195,51 @@ def test_interrupted_run_resumes_to_same_result(cli, tmp_path, monkeypatch):
     assert steps == sorted(set(steps)), "metrics after the checkpoint are not repeated"
 
 
+class _StopInSecondRestart(_StopAfterPolls):
+    """Stand-in for StopFlag that turns on a few polls after the first restart has finished."""
+
+    finished_restarts = 0
+
+    @property
+    def requested(self) -> bool:
+        if _StopInSecondRestart.finished_restarts == 0:
+            return False
+        self.polls += 1
+        return self.polls > 3
+
+
+def test_resume_after_finished_restart(cli, tmp_path, monkeypatch):
+    overrides = [*SHORT, "train.restarts=2"]
+    _summary(cli("discover-reactions", "michaelis-menten", *overrides, "--out", tmp_path / "whole", "--json", "-q"))
+
+    import mmtk.reactions.tool as tool
+
+    original_finish = tool.finish_restart
+
+    def counting_finish(*args, **kwargs):
+        _StopInSecondRestart.finished_restarts += 1
+        return original_finish(*args, **kwargs)
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(_StopInSecondRestart, "finished_restarts", 0)
+        patch.setattr(tool, "StopFlag", _StopInSecondRestart)
+        patch.setattr(tool, "finish_restart", counting_finish)
+        result = cli("discover-reactions", "michaelis-menten", *overrides, "--out", stopped, "-q")
+    assert result.exit_code == 1
+    assert _StopInSecondRestart.finished_restarts == 1, "the stop must come while restart 1 runs"
+    assert not (stopped / "summary.json").exists()
+
+    # The resumed run restores restart 0's result and loss history from the checkpoint.
+    _summary(cli("discover-reactions", "michaelis-menten", *overrides, "--out", stopped, "--resume", "--json", "-q"))
+    assert _result_of(stopped) == _result_of(tmp_path / "whole")
+    assert (stopped / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Resuming a completed run reports the same result again.
+    _summary(cli("discover-reactions", "michaelis-menten", *overrides, "--out", stopped, "--resume", "--json", "-q"))
+    assert _result_of(stopped) == _result_of(tmp_path / "whole")
+
+
 def test_sigterm_saves_checkpoint_and_resumes(tmp_path):
     overrides = [*SHORT, "train.epochs=40000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
