@@ -7,7 +7,8 @@ log.txt, metrics.jsonl and summary.json):
                      ``train_rows`` and ``validation_rows`` sample indices
     mechanism.yaml   the discovered mechanism, canonical order, simulable
     loss.png         training loss per epoch
-    checkpoints/     ckpt-<step>.pt, step = restart * train.epochs + epoch
+    checkpoints/     ckpt-<step>.pt, step = restart * train.epochs + the epochs
+                     that restart has run (the epoch it resumes from)
 """
 
 from __future__ import annotations
@@ -344,10 +345,18 @@ def _run_discover(context: RunContext) -> dict[str, Any]:
     histories: dict[int, tuple[np.ndarray, list]] = {r["restart"]: (r.pop("losses"), r["events"]) for r in results if "losses" in r}
 
     def save(state: RestartState | None) -> None:
-        step = (state.restart * recipe.train.epochs + state.epoch) if state is not None else len(results) * recipe.train.epochs
+        # The name's step is restart * train.epochs + the epochs that restart has
+        # run, so it grows through the run; a finished restart keeps its final count.
+        if state is not None:
+            restart, epoch = state.restart, state.epoch
+        else:
+            restart, epoch = results[-1]["restart"], results[-1]["epochs_run"]
+        step = restart * recipe.train.epochs + epoch
         entry = {
             "tool": TOOL,
             "version": CHECKPOINT_VERSION,
+            "restart": restart,
+            "epoch": epoch,
             "data_fingerprint": prepared.fingerprint(),
             "shape": [n, R],
             "finished": [_result_to_checkpoint({**r, "losses": histories[r["restart"]][0]}) for r in results],

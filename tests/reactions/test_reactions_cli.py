@@ -224,9 +224,24 @@ class _StopInSecondRestart(_StopAfterPolls):
         return self.polls > 3
 
 
+def _checkpoint_positions(out: Path, epochs: int) -> list[tuple[int, int, int]]:
+    """Return (step in the name, restart, epoch) of each checkpoint in ``out``, oldest first."""
+    from mmtk.core.checkpoint import load_checkpoint
+
+    positions = []
+    for path in sorted((out / "checkpoints").glob("ckpt-*.pt")):
+        state = load_checkpoint(path, expected_tool="discover-reactions")
+        positions.append((int(path.stem.split("-")[1]), state["restart"], state["epoch"]))
+    for step, restart, epoch in positions:
+        assert step == restart * epochs + epoch, f"ckpt-{step} holds restart {restart}, epoch {epoch}"
+    return positions
+
+
 def test_resume_after_finished_restart(cli, tmp_path, monkeypatch):
     overrides = [*SHORT, "train.restarts=2"]
-    _summary(cli("discover-reactions", "michaelis-menten", *overrides, "--out", tmp_path / "whole", "--json", "-q"))
+    whole = _summary(cli("discover-reactions", "michaelis-menten", *overrides, "--out", tmp_path / "whole", "--json", "-q"))
+    # The last checkpoint is named after the final epoch count of the last restart.
+    assert _checkpoint_positions(tmp_path / "whole", 12000)[-1][1:] == (1, whole["restarts"][1]["epochs_run"])
 
     import mmtk.reactions.tool as tool
 
@@ -245,6 +260,7 @@ def test_resume_after_finished_restart(cli, tmp_path, monkeypatch):
         finished_before_stop = _StopInSecondRestart.finished_restarts
     assert result.exit_code == 1
     assert finished_before_stop == 1, "the stop must come while restart 1 runs"
+    assert _checkpoint_positions(stopped, 12000)[-1][1] == 1
     assert not (stopped / "summary.json").exists()
 
     # The resumed run restores restart 0's result and loss history from the checkpoint.
