@@ -11,7 +11,7 @@ from mmtk.core.runner import RunOptions
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe: a YAML file path, or the name of a bundled recipe (see 'mmtk recipes').")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Recipe overrides as dotted.key=value, for example train.lr=3e-4.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run folder for all outputs [default: runs/<tool>/<UTC time>].")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run folder for all outputs (default: runs/<tool>/<UTC time>-<random suffix>).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout; tables go to stderr.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed; overrides the recipe's 'seed'.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Torch device such as cpu, cuda or cuda:1; overrides the recipe's 'device'.")]

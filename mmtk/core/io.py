@@ -28,6 +28,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates the file as 0600; give it the mode a plain open() would.
+    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         yield tmp
         _fsync_file(tmp)
@@ -35,6 +37,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:

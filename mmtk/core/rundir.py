@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import time
@@ -27,6 +28,8 @@ from typing import Any
 from mmtk.core import io
 from mmtk.core.errors import InputError
 from mmtk.core.logging import add_file_log, get_logger, remove_handler
+import yaml
+
 from mmtk.core.recipe import dump_yaml, to_dict
 
 log = get_logger(__name__)
@@ -38,9 +41,32 @@ def is_main_process() -> bool:
 
 
 def default_run_path(tool: str) -> Path:
-    """Return ``runs/<tool>/<UTC timestamp>`` under the working directory."""
+    """Return ``runs/<tool>/<UTC timestamp>-<random suffix>`` under the working directory.
+
+    The suffix keeps runs started in the same second (array jobs, parallel
+    shells) in separate folders.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return Path("runs") / tool / stamp
+    return Path("runs") / tool / f"{stamp}-{secrets.token_hex(3)}"
+
+
+# Keys that may change when a run is resumed: its length, logging and device.
+# Any other difference would make the stored results describe another run.
+RESUMABLE_KEYS = frozenset({
+    "device", "steps", "epochs", "max_steps", "max_epochs", "log_every", "eval_every",
+    "checkpoint_every", "keep_checkpoints", "progress", "num_workers",
+})
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """List the dotted key paths whose values differ between two recipe mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        changed: list[str] = []
+        for key in keys:
+            changed.extend(changed_keys(old.get(key), new.get(key), f"{prefix}{key}."))
+        return changed
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def git_commit() -> str | None:
@@ -65,20 +91,24 @@ class RunDir:
     Creating the object only checks the folder; nothing is written until
     :meth:`start`, so a tool validates all its input first and a rejected
     run leaves no trace. An existing run folder is only reused with
-    ``resume=True``.
+    ``resume=True``, and only with a recipe that differs from the stored one
+    in :data:`RESUMABLE_KEYS` or the extra ``resumable_keys`` (last key
+    components).
     """
 
-    def __init__(self, path: str | Path, tool: str, resume: bool = False, writer: bool | None = None) -> None:
+    def __init__(self, path: str | Path, tool: str, resume: bool = False, writer: bool | None = None, resumable_keys: frozenset[str] = frozenset()) -> None:
         self.path = Path(path)
         self.tool = tool
         self.resume = resume
+        self.resumable_keys = RESUMABLE_KEYS | resumable_keys
         self.writer = is_main_process() if writer is None else writer
         self._log_handler = None
         self._check_reusable()
 
     def _check_reusable(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"--out {self.path} is a file, not a folder. Choose a folder path.")
+        for parent in [self.path, *self.path.parents]:
+            if parent.exists() and not parent.is_dir():
+                raise InputError(f"--out {self.path}: {parent} is a file, not a folder. Choose a folder path.")
         if not self.path.is_dir() or not any(self.path.iterdir()):
             if self.resume:
                 raise InputError(f"cannot resume: {self.path} contains no run. Drop --resume to start a new run there.")
@@ -103,13 +133,16 @@ class RunDir:
         """Create the folder and write the resolved recipe and run metadata."""
         if not self.writer:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
 
         recipe_path = self.path / "recipe.yaml"
         new_text = dump_yaml(recipe)
-        if self.resume and recipe_path.is_file() and recipe_path.read_text(encoding="utf-8") != new_text:
-            log.warning("resuming %s with a recipe that differs from the stored one; the stored copy is kept as recipe.previous.yaml", self.path)
-            io.write_text(self.path / "recipe.previous.yaml", recipe_path.read_text(encoding="utf-8"))
+        if self.resume and recipe_path.is_file():
+            self._check_resumed_recipe(recipe_path, new_text)
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the run folder {self.path}: {exc}. Choose another --out.") from exc
         io.write_text(recipe_path, new_text)
 
         from mmtk import __version__
@@ -128,6 +161,20 @@ class RunDir:
         io.write_json(self.path / "meta.json", meta)
         self._log_handler = add_file_log(self.path / "log.txt")
         log.info("run %s started in %s", self.tool, self.path)
+
+    def _check_resumed_recipe(self, recipe_path: Path, new_text: str) -> None:
+        stored_text = recipe_path.read_text(encoding="utf-8")
+        if stored_text == new_text:
+            return
+        changed = changed_keys(yaml.safe_load(stored_text), yaml.safe_load(new_text))
+        fixed = [key for key in changed if key.rsplit(".", 1)[-1] not in self.resumable_keys]
+        if fixed:
+            raise InputError(
+                f"cannot resume {self.path}: the recipe differs from the stored one in {', '.join(fixed)}. "
+                f"Resume with the stored recipe ({recipe_path}) and the same overrides, or start a new run in another --out folder."
+            )
+        log.info("resuming %s with changed %s", self.path, ", ".join(changed))
+        io.write_text(self.path / "recipe.previous.yaml", stored_text)
 
     def file(self, name: str) -> Path:
         """Return the path of a file inside the run folder."""

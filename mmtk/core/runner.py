@@ -10,14 +10,17 @@ any other failure, 130 on a second Ctrl-C.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Callable
 
 from rich.console import Console
 
-from mmtk.core.errors import InputError, MmtkError, RecipeError
+from mmtk.core.errors import InputError, MmtkError, RecipeError, StopRequested
 from mmtk.core.io import to_json
 from mmtk.core.logging import get_logger, setup_logging
 from mmtk.core.recipe import load_recipe
@@ -64,13 +67,23 @@ def human_console(options: RunOptions) -> Console:
     return Console(stderr=options.json, soft_wrap=False)
 
 
-def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions) -> int:
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise StopRequested("received SIGTERM; stopped without a checkpoint (this step does not save one)")
+
+
+def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, cleanup: Callable[[], None] | None = None) -> int:
     """Run ``body`` with logging set up and errors mapped to exit codes.
 
     Prints the returned mapping as one JSON object on stdout under ``--json``.
+    SIGTERM outside a training loop's :class:`~mmtk.core.signals.StopFlag`
+    stops the command with exit code 1 and a logged reason. ``cleanup`` runs
+    after any error has been logged (a run folder's log file gets it too).
     Returns the process exit code.
     """
     setup_logging(options.verbosity)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         summary = body()
     except MmtkError as exc:
@@ -82,10 +95,26 @@ def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions) 
     except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
         log.exception("failed with an unexpected error: %s", exc)
         return 1
+    finally:
+        if cleanup is not None:
+            cleanup()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if options.json and summary is not None:
         sys.stdout.write(to_json(summary) + "\n")
         sys.stdout.flush()
     return 0
+
+
+def _check_seed_and_device(recipe: Any) -> None:
+    seed = getattr(recipe, "seed", None)
+    if isinstance(seed, int) and seed < 0:
+        raise RecipeError(f"recipe key 'seed': {seed} is out of range; it must be >= 0.")
+    device = getattr(recipe, "device", None)
+    if isinstance(device, str) and device not in ("auto", "cpu"):
+        from mmtk.core.distributed import resolve_device
+
+        resolve_device(device)
 
 
 def run_tool(
@@ -98,26 +127,31 @@ def run_tool(
 ) -> int:
     """Load the recipe, prepare the run folder and call ``main``; return the exit code."""
 
+    runs: list[RunDir] = []
+
     def body() -> dict[str, Any]:
         recipe = load_recipe(recipe_cls, recipe_ref, overrides, tool=tool)
         if options.seed is not None:
             recipe = _set_top_level(recipe, "seed", options.seed, "--seed")
         if options.device is not None:
             recipe = _set_top_level(recipe, "device", options.device, "--device")
+        _check_seed_and_device(recipe)
 
         run = RunDir(options.out or default_run_path(tool), tool, resume=options.resume)
+        runs.append(run)
         context = RunContext(tool=tool, recipe=recipe, run=run, options=options, console=human_console(options))
-        try:
-            summary = main(context)
-        finally:
-            run.close()
+        summary = main(context)
         if not run.path.is_dir():
             raise MmtkError(f"{tool} returned without starting its run folder (tool bug).")
         summary = {"tool": tool, "run_dir": str(run.path), **summary}
         run.finish(summary)
         return summary
 
-    return run_command(body, options)
+    def close_run() -> None:
+        for run in runs:
+            run.close()
+
+    return run_command(body, options, cleanup=close_run)
 
 
 def require_file(path: str | Path, what: str) -> Path:

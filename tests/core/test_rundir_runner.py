@@ -103,3 +103,83 @@ def test_rng_state_roundtrip_through_safe_load(tmp_path):
     save_checkpoint(tmp_path / "rng.pt", {"rng": state})
     restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_written_files_are_world_readable(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        from mmtk.core import io
+
+        io.write_text(tmp_path / "result.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "result.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_default_run_paths_differ_within_a_second():
+    from mmtk.core.rundir import default_run_path
+
+    paths = {default_run_path("tiny") for _ in range(20)}
+    assert len(paths) == 20
+
+
+def test_out_below_a_file_is_input_error(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        RunDir(tmp_path / "afile" / "sub", "tiny")
+
+
+def test_unexpected_error_reaches_log_file(tmp_path):
+    out = tmp_path / "run"
+
+    def crash_after_start(context):
+        context.start()
+        raise RuntimeError("boom after start")
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("seed: 1\n")
+    assert run_tool("tiny", Tiny, recipe, [], RunOptions(out=out), crash_after_start) == 1
+    assert "boom after start" in (out / "log.txt").read_text()
+
+
+def test_sigterm_outside_training_exits_1(tmp_path):
+    import os
+    import signal
+
+    def terminate(context):
+        context.start()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("seed: 1\n")
+    previous = signal.getsignal(signal.SIGTERM)
+    assert run_tool("tiny", Tiny, recipe, [], RunOptions(out=tmp_path / "run"), terminate) == 1
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert "received SIGTERM" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_negative_seed_and_absent_cuda_exit_2(tmp_path):
+    out = tmp_path / "run"
+    assert _run(tmp_path, out, seed=-1) == 2
+    if not torch.cuda.is_available():
+        assert _run(tmp_path, out, device="cuda") == 2
+    assert not out.exists()
+
+
+def test_resume_rejects_changed_recipe(tmp_path):
+    out = tmp_path / "run"
+    assert _run(tmp_path, out) == 0
+    before = (out / "recipe.yaml").read_text()
+    assert _run(tmp_path, out, "fail=none", seed=9, resume=True) == 2
+    assert (out / "recipe.yaml").read_text() == before
+
+
+def test_resume_accepts_changed_run_length():
+    from mmtk.core.rundir import RESUMABLE_KEYS, changed_keys
+
+    changed = changed_keys({"train": {"steps": 10, "lr": 1.0}, "seed": 1}, {"train": {"steps": 20, "lr": 1.0}, "seed": 1})
+    assert changed == ["train.steps"]
+    assert "steps" in RESUMABLE_KEYS

@@ -45,7 +45,7 @@ def _fit_here(path: Path, *overrides: str, resume: bool = False):
     """Train the tiny task in this process; return (trainer, summary)."""
     tasks = _tasks()
     recipe = build(tasks.TinyRecipe, apply_overrides({}, list(overrides)))
-    run = RunDir(path, TOOL, resume=resume)
+    run = RunDir(path, TOOL, resume=resume, resumable_keys=frozenset({"step_sleep"}))
     trainer = Trainer(tasks.TinyTask(recipe), recipe.train, run, seed=recipe.seed, device=recipe.device)
     run.start(recipe)
     try:

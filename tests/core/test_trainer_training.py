@@ -43,7 +43,7 @@ def _recipe(*overrides: str):
 def _fit(path: Path, *overrides: str, resume: bool = False, task_cls=None):
     """Train the tiny task in ``path``; return (trainer, summary)."""
     recipe = _recipe(*overrides)
-    run = RunDir(path, TOOL, resume=resume)
+    run = RunDir(path, TOOL, resume=resume, resumable_keys=frozenset({"crash_at_step"}))
     task = (task_cls or tasks.TinyTask)(recipe)
     trainer = Trainer(task, recipe.train, run, seed=recipe.seed, device=recipe.device)
     run.start(recipe)
