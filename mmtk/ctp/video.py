@@ -125,7 +125,8 @@ def decode_video(path: str | Path, indices: Sequence[int] | None = None, short_s
     ordered: list[np.ndarray] = []
     try:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        # One decoding thread per process: data-loader workers supply the parallelism.
+        stream.codec_context.thread_count = 1
         needed = None if wanted is None else set(wanted.tolist())
         for number, frame in enumerate(container.decode(stream)):
             if last is not None and number > last:
