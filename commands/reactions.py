@@ -40,13 +40,19 @@ def register(app: typer.Typer) -> None:
         out: OutOpt = None,
         json: JsonOpt = False,
         seed: SeedOpt = None,
+        device: DeviceOpt = None,
+        resume: ResumeOpt = False,
         verbose: VerboseOpt = 0,
         quiet: QuietOpt = False,
     ) -> None:
-        """Simulate a mass-action mechanism and write trajectories with exact dc/dt (HDF5)."""
+        """Simulate a mass-action mechanism and write trajectories with exact dc/dt (HDF5).
+
+        Runs on the CPU only (--device accepts cpu). --resume reuses a finished
+        run made with the same recipe and simulates again otherwise.
+        """
         from mmtk.core.runner import run_tool
         from mmtk.reactions.recipe import SimulateRecipe
         from mmtk.reactions.tool import run_simulate
 
-        options = run_options(out, json, seed, None, verbose, quiet)
+        options = run_options(out, json, seed, device, verbose, quiet, resume)
         finish(run_tool("simulate-reactions", SimulateRecipe, recipe, overrides or [], options, run_simulate))

@@ -123,7 +123,7 @@ class SimulateRecipe:
 
     mechanism: str = param(help="mechanism YAML path or bundled name (hydrogen-oxidation, michaelis-menten, linear-chain)")
     seed: int = param(1, help="seed of the initial-condition sampling")
-    device: str = param("cpu", help="unused: simulation runs on the CPU with scipy")
+    device: str = param("cpu", help="cpu (or auto, which means cpu here): the simulation runs scipy's solve_ivp on the CPU")
     simulation: SimulationRecipe = field(default_factory=SimulationRecipe)
 
 
@@ -137,3 +137,17 @@ def check_device(recipe: DiscoverRecipe) -> None:
         raise RecipeError(f"recipe key 'device': invalid torch device {recipe.device!r} ({exc}); use cpu, cuda or cuda:N.") from None
     if recipe.train.backend == "numpy" and recipe.device != "cpu":
         raise RecipeError(f"train.backend 'numpy' runs on the CPU only, but device is {recipe.device!r}; use train.backend=torch or auto.")
+
+
+def check_simulate_device(recipe: SimulateRecipe) -> None:
+    """Raise RecipeError unless the device is auto or a CPU device, the only one scipy's solvers use."""
+    import torch
+
+    if recipe.device == "auto":
+        return
+    try:
+        device = torch.device(recipe.device)
+    except RuntimeError as exc:
+        raise RecipeError(f"recipe key 'device': invalid torch device {recipe.device!r} ({exc}); use cpu.") from None
+    if device.type != "cpu":
+        raise RecipeError(f"simulate-reactions integrates with scipy's solve_ivp on the CPU, so device must be cpu, not {recipe.device!r}. Drop --device or pass --device cpu.")

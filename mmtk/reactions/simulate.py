@@ -10,7 +10,8 @@ lie.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.integrate import solve_ivp
@@ -29,6 +30,8 @@ class Trajectories:
     ``time`` has shape (n_experiments, n_times) in the mechanism's time unit;
     ``concentrations`` and ``dcdt`` have shape (n_experiments, n_times, n_species).
     ``dcdt_method`` names how dc/dt was obtained ("exact" for the true right-hand side).
+    ``solver_stats`` has one mapping per simulated experiment (see :func:`simulate`);
+    it is empty for trajectories read from a file.
     """
 
     species: list[str]
@@ -36,6 +39,7 @@ class Trajectories:
     concentrations: np.ndarray
     dcdt: np.ndarray
     dcdt_method: str = "exact"
+    solver_stats: list[dict[str, Any]] = field(default_factory=list)
 
 
 def time_grid(kind: str, t_end: float, points: int, t_start: float = 1e-3) -> np.ndarray:
@@ -63,6 +67,9 @@ def simulate(
     """Integrate the mechanism from ``n_experiments`` initial states drawn U[low, high).
 
     With ``noise`` = l > 0, every dc/dt value is multiplied by 1 + U(-l, l).
+    The result's ``solver_stats`` gives, per experiment, the initial state
+    ``c0`` and solve_ivp's counts of right-hand-side evaluations (``nfev``),
+    Jacobian evaluations (``njev``) and LU decompositions (``nlu``).
     Raises MmtkError when the solver fails.
     """
     n = mechanism.n_species
@@ -71,15 +78,20 @@ def simulate(
     jac = (lambda t, c: mechanism.jacobian(c)) if stiff else None
 
     states = np.empty((n_experiments, times.size, n))  # E x T x n
+    solver_stats = []
     for e in range(n_experiments):
         solution = solve_ivp(lambda t, c: mechanism.rhs(c), (times[0], times[-1]), initial[e], method=method, t_eval=times, rtol=rtol, atol=atol, jac=jac)
         if not solution.success:
             raise MmtkError(f"solve_ivp ({method}) failed on experiment {e} from c0={initial[e].tolist()}: {solution.message}. Try method=Radau or tighter tolerances.")
         states[e] = solution.y.T
+        stats = {"experiment": e, "c0": initial[e].tolist(), "nfev": int(solution.nfev), "njev": int(solution.njev), "nlu": int(solution.nlu)}
+        solver_stats.append(stats)
+        log.debug("experiment %d: %s from c0=%s took %d right-hand-side evaluations, %d Jacobian evaluations and %d LU decompositions", e, method, np.array2string(initial[e], precision=4), stats["nfev"], stats["njev"], stats["nlu"])
 
     dcdt = mechanism.rhs(states)  # E x T x n
     if noise > 0:
         dcdt = dcdt * (1.0 + rng.uniform(-noise, noise, size=dcdt.shape))
     log.info("simulated %d experiments of %s at %d times with %s (rtol %g, atol %g)", n_experiments, mechanism.name, times.size, method, rtol, atol)
     time = np.broadcast_to(times, (n_experiments, times.size)).copy()
-    return Trajectories(species=list(mechanism.species), time=time, concentrations=states, dcdt=dcdt, dcdt_method="exact" if noise == 0 else f"exact with multiplicative noise U(-{noise}, {noise})")
+    dcdt_method = "exact" if noise == 0 else f"exact with multiplicative noise U(-{noise}, {noise})"
+    return Trajectories(species=list(mechanism.species), time=time, concentrations=states, dcdt=dcdt, dcdt_method=dcdt_method, solver_stats=solver_stats)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from mmtk.core.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from mmtk.core.errors import InputError, StopRequested
+from mmtk.core.errors import InputError, MmtkError, StopRequested
 from mmtk.core.logging import get_logger
+from mmtk.core.recipe import dump_yaml
 from mmtk.core.runner import RunContext
 from mmtk.core.seeding import generator_state, set_generator_state
 from mmtk.core.signals import StopFlag
@@ -36,7 +38,7 @@ from mmtk.reactions.fit import fit_rates, mse
 from mmtk.reactions.mechanism import Mechanism, canonicalize, load_mechanism
 from mmtk.reactions.model import AdamSettings, NumpyMassAction, OptimizerState, TorchMassAction, unpack
 from mmtk.reactions.ppf import FreezeSettings, PPFTrainer, RestartState, new_restart
-from mmtk.reactions.recipe import DiscoverRecipe, SimulateRecipe, check_device
+from mmtk.reactions.recipe import DiscoverRecipe, SimulateRecipe, check_device, check_simulate_device
 from mmtk.reactions.report import plot_losses, print_comparison, print_mechanism
 from mmtk.reactions.simulate import Trajectories, simulate, time_grid
 
@@ -44,6 +46,14 @@ log = get_logger(__name__)
 
 TOOL = "discover-reactions"
 CHECKPOINT_VERSION = 1
+
+# Datasets of a trajectories file written by a run, with exact dc/dt.
+TRAJECTORY_SPECS = {
+    "species": DatasetSpec(("n_species",), kind="S"),
+    "time": DatasetSpec(("n_experiments", "n_times")),
+    "concentrations": DatasetSpec(("n_experiments", "n_times", "n_species")),
+    "dcdt": DatasetSpec(("n_experiments", "n_times", "n_species")),
+}
 
 
 # ---------------------------------------------------------------- simulate
@@ -83,12 +93,46 @@ def run_simulate(context: RunContext) -> dict[str, Any]:
         return _run_simulate(context)
 
 
+def finished_simulation(context: RunContext) -> dict[str, Any] | None:
+    """Return the summary of a finished simulate-reactions run in ``--out`` made with the same recipe, else None.
+
+    The run counts as finished when summary.json, mechanism.yaml and a
+    readable trajectories.h5 exist and the stored recipe.yaml equals the
+    current recipe. Call it before ``context.start()``, which rewrites recipe.yaml.
+    """
+    run = context.run
+    recipe_path, summary_path, trajectories_path = run.file("recipe.yaml"), run.file("summary.json"), run.file("trajectories.h5")
+    if not (recipe_path.is_file() and summary_path.is_file() and trajectories_path.is_file() and run.file("mechanism.yaml").is_file()):
+        return None
+    if recipe_path.read_text(encoding="utf-8") != dump_yaml(context.recipe):
+        log.info("the recipe differs from the one stored in %s; simulating again", recipe_path)
+        return None
+    try:
+        read_datasets(trajectories_path, TRAJECTORY_SPECS, schema=SCHEMA)
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (MmtkError, OSError, json.JSONDecodeError) as exc:
+        log.warning("cannot reuse the finished simulation in %s (%s); simulating again", run.path, exc)
+        return None
+    return {key: value for key, value in summary.items() if key not in ("tool", "run_dir")}
+
+
 def _run_simulate(context: RunContext) -> dict[str, Any]:
     recipe: SimulateRecipe = context.recipe
+    check_simulate_device(recipe)
     mechanism = load_mechanism(recipe.mechanism)
+    previous = finished_simulation(context) if context.options.resume else None
     context.start()
 
+    if previous is not None:
+        log.info("resumed a finished simulation; reusing %s without simulating again", previous["file"])
+        context.console.print(f"reused {previous['experiments']} experiments x {previous['times']} times of {previous['mechanism']} in {previous['file']}")
+        return previous
+
+    # Simulating again replaces every output of an unfinished or changed run.
+    context.run.truncate_metrics(-1)
     trajectories = simulate_from_recipe(mechanism, recipe.simulation, recipe.seed)
+    for stats in trajectories.solver_stats:
+        context.run.log_metrics({"step": stats["experiment"], **stats})
     mechanism.save(context.run.file("mechanism.yaml"))
     path = save_trajectories(context.run.file("trajectories.h5"), trajectories, attrs={"mechanism": context.run.file("mechanism.yaml").read_text(encoding="utf-8"), "seed": recipe.seed})
     context.console.print(f"wrote {trajectories.concentrations.shape[0]} experiments x {trajectories.time.shape[1]} times of {mechanism.name} to {path}")
@@ -162,10 +206,7 @@ def prepare_data(recipe: DiscoverRecipe, saved_data: Path | None = None) -> Prep
 def load_run_data(path: Path) -> tuple[Trajectories, tuple[np.ndarray, np.ndarray]]:
     """Read a run's data.h5: the simulated trajectories and the train/validation rows."""
     specs = {
-        "species": DatasetSpec(("n_species",), kind="S"),
-        "time": DatasetSpec(("n_experiments", "n_times")),
-        "concentrations": DatasetSpec(("n_experiments", "n_times", "n_species")),
-        "dcdt": DatasetSpec(("n_experiments", "n_times", "n_species")),
+        **TRAJECTORY_SPECS,
         "train_rows": DatasetSpec((None,), kind="i"),
         "validation_rows": DatasetSpec((None,), kind="i"),
     }

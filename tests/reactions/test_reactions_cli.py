@@ -88,6 +88,42 @@ def test_simulate_reactions_writes_schema(cli, tmp_path):
     np.testing.assert_allclose(dcdt, load_mechanism("michaelis-menten").rhs(c), rtol=1e-13)
 
 
+def test_simulate_metrics_and_resume(cli, tmp_path, caplog):
+    out = tmp_path / "sim"
+    command = ["simulate-reactions", "michaelis-menten", "simulation.experiments=3", "simulation.points=5", "--out", out, "--json"]
+    first = _summary(cli(*command, "--device", "cpu", "-v"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["experiment"] for r in records] == [0, 1, 2]
+    assert all(r["nfev"] > 0 for r in records)
+    with h5py.File(out / "trajectories.h5") as handle:
+        np.testing.assert_array_equal([r["c0"] for r in records], handle["concentrations"][:, 0, :])
+    assert "experiment 2: Radau from c0=" in caplog.text, "-v logs the solver statistics per experiment"
+
+    # Resuming a finished run reuses its output and adds no metrics.
+    before = (out / "trajectories.h5").read_bytes()
+    resumed = _summary(cli(*command, "--resume", "-q"))
+    assert resumed == first
+    assert (out / "trajectories.h5").read_bytes() == before
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+    # A run stopped before its summary simulates again, to the same data.
+    (out / "summary.json").unlink()
+    again = _summary(cli(*command, "--resume", "-q"))
+    assert again == first
+    with h5py.File(out / "trajectories.h5") as handle:
+        np.testing.assert_array_equal([r["c0"] for r in records], handle["concentrations"][:, 0, :])
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("device", ["meta", "no-such-device"])
+def test_simulate_rejects_non_cpu_device(cli, tmp_path, caplog, device):
+    out = tmp_path / "sim"
+    result = cli("simulate-reactions", "michaelis-menten", "--device", device, "--out", out)
+    assert result.exit_code == 2
+    assert repr(device) in result.output + caplog.text
+    assert not out.exists()
+
+
 def test_discover_reads_simulated_file(cli, tmp_path):
     sim = tmp_path / "sim"
     _summary(cli("simulate-reactions", "michaelis-menten", "simulation.experiments=5", "--out", sim, "--json", "-q"))
