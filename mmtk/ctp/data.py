@@ -41,7 +41,7 @@ log = get_logger(__name__)
 
 @dataclass
 class VideoDataConfig:
-    """Where the videos are and how they are listed."""
+    """Location and layout of a video data set."""
 
     root: Optional[Path] = param(None, help="folder of videos; null uses the tool's bundled real videos")
     layout: Literal["folder", "ucf101", "hmdb51"] = param("folder", help="folder: every video under root, unlabelled; ucf101 or hmdb51: split lists in 'splits'")

@@ -8,9 +8,10 @@ architecture, freshly initialised), so the two can be compared in one run.
   and a linear classifier, trained with the shared trainer. The test scores
   average the softmax over ``view.test_clips`` uniformly spaced clips per
   video. Reports top-1 and top-5 accuracy.
-- Linear probe: frozen backbone, 512-d pooled features averaged over the
-  test clips and L2-normalised; multinomial logistic regression (L-BFGS,
-  L2 penalty) on the train split; top-1 and top-5 on the test split.
+- Linear probe: the frozen backbone's pooled features (512-d), averaged
+  over the test clips and L2-normalised, train a multinomial logistic
+  regression (L-BFGS, L2 penalty) on the train split. Reports top-1 and
+  top-5 on the test split.
 - Retrieval: the same features; each test video queries the train videos
   by cosine similarity; Recall@k is the fraction of queries with a
   same-class video among the top k.

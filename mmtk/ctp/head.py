@@ -1,9 +1,9 @@
 """The Catch-the-Patch head, box coding, loss and IoU.
 
-The head collapses the backbone's time axis with one convolution, pools
-each patch's first-frame box with RoIAlign and regresses the patch's box in
-every frame as offsets from that first box: centre shifts in pixels and
-log-size ratios, each divided by a fixed standard deviation.
+The head collapses the backbone's time axis with one convolution and pools
+each patch's first-frame box with RoIAlign. It regresses the patch's box in
+every frame as offsets from that first box. The offsets are centre shifts in
+pixels and log-size ratios, each divided by a fixed standard deviation.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def ctp_loss(predictions: torch.Tensor, targets: torch.Tensor, weights: torch.Te
 class CtPHead(nn.Module):
     """Predict normalised box deltas [N, T, 4] from a feature map and each patch's frame-0 box.
 
-    Steps: Conv3d over the whole feature time axis (with bias) and ReLU;
-    RoIAlign (``roi_size`` bins, ``1 / spatial_stride`` scale, 2 samples,
-    aligned); flatten; FC ``hidden``; ReLU; FC ``num_frames * 4``. Both
+    Steps: a Conv3d over the whole feature time axis (with bias) and ReLU,
+    then RoIAlign (``roi_size`` bins, ``1 / spatial_stride`` scale, 2 samples,
+    aligned), then flatten, FC ``hidden``, ReLU and FC ``num_frames * 4``. Both
     FCs start from N(0, ``init_std``) weights and zero biases.
     """
 

@@ -1,6 +1,6 @@
 """RoIAlign in plain torch, with the sampling and boundary rules of mmcv and torchvision.
 
-Each box is split into P x P bins; each bin averages g x g bilinear samples
+Each box is split into P x P bins. Each bin averages g x g bilinear samples
 placed at bin_start + (i + 0.5) * bin_size / g. A sample beyond -1 or beyond
 the feature size on either axis contributes 0; otherwise its coordinate is
 clamped into [0, size - 1]. Because bilinear sampling is separable, the
@@ -45,7 +45,7 @@ def roi_align(
 
     Box coordinates are in input pixels and are multiplied by ``spatial_scale``.
     ``aligned=True`` shifts them by -0.5 so that pixel centres line up
-    (continuous coordinates); ``aligned=False`` keeps the legacy rule that
+    (continuous coordinates). ``aligned=False`` keeps the legacy rule that
     forces each box to be at least 1 feature pixel wide and high.
     ``sampling_ratio`` (g >= 1) is the number of samples per bin and axis.
     Gradients flow to ``features``, not to ``rois``.

@@ -3,8 +3,8 @@
 It exists so that ``ctp-evaluate`` runs end to end offline. Its three
 classes are the source videos (BigBuckBunny, Bikes, Carphone), and its
 videos are consecutive time segments of those sources, so classifying it
-means recognising the source video, not an action. Its scores say nothing
-about representation quality.
+means recognising the source video, not an action. Its scores do not measure
+representation quality.
 
 Layout written under ``root``::
 
