@@ -254,16 +254,21 @@ def load_mechanism(ref: str | Path) -> Mechanism:
 # ------------------------------------------------------------ canonical form
 
 
-def canonical_order(stoichiometry: np.ndarray, forward: np.ndarray, reverse: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+TIE_RTOL = 1e-9
+"""Forward and reverse rate constants this close (relative) count as a tie in the canonical form."""
+
+
+def canonical_order(stoichiometry: np.ndarray, forward: np.ndarray, reverse: np.ndarray, tie_rtol: float = TIE_RTOL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Put reactions in canonical form; return (W, forward, reverse) reordered and reoriented.
 
-    ``forward`` and ``reverse`` are rate constants or their logarithms (the
-    rules only compare them, and log is monotonic).
+    ``forward`` and ``reverse`` are rate constants (non-negative).
 
     1. A reaction with forward < reverse is reversed (column negated, rates
        swapped), so the forward direction is the faster one.
-    2. A tie forward == reverse is oriented so that the first non-zero entry
-       of the column is negative.
+    2. A tie, |forward - reverse| <= ``tie_rtol`` * max(forward, reverse)
+       (default 1e-9), is oriented so that the first non-zero entry of the
+       column is negative. Fitted rates of a truly tied reaction differ in
+       the last digits, so an exact comparison would orient them at random.
     3. Reactions are sorted by forward rate, largest first; equal forward
        rates are ordered by comparing their columns lexicographically.
     """
@@ -274,7 +279,8 @@ def canonical_order(stoichiometry: np.ndarray, forward: np.ndarray, reverse: np.
         column = W[:, r]
         nonzero = np.flatnonzero(column)
         first_positive = nonzero.size > 0 and column[nonzero[0]] > 0
-        if forward[r] < reverse[r] or (forward[r] == reverse[r] and first_positive):
+        tied = abs(forward[r] - reverse[r]) <= tie_rtol * max(forward[r], reverse[r])
+        if (forward[r] < reverse[r] and not tied) or (tied and first_positive):
             W[:, r] = -column
             forward[r], reverse[r] = reverse[r], forward[r]
     keys = [(-forward[r], tuple(W[:, r].tolist())) for r in range(W.shape[1])]

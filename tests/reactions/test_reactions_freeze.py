@@ -256,3 +256,30 @@ def test_full_freeze_can_require_distinct_columns():
         state.losses = [np.ones(101)]
         trainer.full_check(state, 100)
         assert state.frozen is expected
+
+
+@pytest.mark.parametrize("reset_rates", [False, True])
+def test_reset_rates_redraws_rates(reset_rates):
+    c, dcdt = _problem()
+    n, R = 4, 3
+    backend = NumpyMassAction(c, dcdt, R, 1e-8, AdamSettings())
+    settings = FreezeSettings(check_every=100, stall_lag=10, reset_rates=reset_rates, init_range=0.5)
+    trainer = PPFTrainer(backend, n, R, settings, epochs=1000, stop_after_freeze=False)
+    state = new_restart(0, 0, n, R, 0.5)
+    W, b_f, b_r = unpack(state.optimizer.theta, n, R)
+    # Column 0 is integer, column 1 duplicates it, column 2 is not integer; all rates far outside U(-0.5, 0.5).
+    W[:] = np.array([[1.0, -1.0, 0.3], [-1, 1, 0.6], [0, 0, -0.2], [0, 0, 0.1]])
+    b_f[:] = [7.0, 6.0, 5.0]
+    b_r[:] = [-7.0, -6.0, -5.0]
+    state.losses = [np.linspace(1.0, 2.0, 201)]
+    trainer.check(state, 200)
+
+    np.testing.assert_array_equal(state.integer_columns, [True, False, False])
+    assert b_f[0] == 7.0, "the integer column keeps its rates"
+    assert b_r[0] == -7.0, "the integer column keeps its rates"
+    if reset_rates:
+        assert np.all(np.abs(b_f[1:]) <= 0.5)
+        assert np.all(np.abs(b_r[1:]) <= 0.5)
+    else:
+        np.testing.assert_array_equal(b_f, [7.0, 6.0, 5.0])
+        np.testing.assert_array_equal(b_r, [-7.0, -6.0, -5.0])

@@ -150,6 +150,21 @@ def test_canonical_tie_rule():
     np.testing.assert_array_equal(canonicalize(tied).stoichiometry.T, [[-1, 1, 0], [0, -1, 1]])
 
 
+def test_canonical_tie_tolerates_round_off():
+    # Fitted rates of a tied reaction differ in the last digits; the tie rule still applies.
+    W = np.array([[0.0], [1.0], [-1.0]])
+    for k_f, k_r in ((1.0, 1.0 - 1e-15), (1.0 - 1e-15, 1.0), (1000.0, 1000.0 * (1 + 1e-12))):
+        canonical = canonicalize(Mechanism(["A", "B", "C"], W, [k_f], [k_r]))
+        np.testing.assert_array_equal(canonical.stoichiometry.T, [[0, -1, 1]])
+        assert canonical.k_forward[0] == k_r
+        assert canonical.k_reverse[0] == k_f
+
+    # Beyond the tolerance the faster direction is the forward one.
+    slower_forward = canonicalize(Mechanism(["A", "B", "C"], -W, [1.0], [1.0 + 1e-6]))
+    np.testing.assert_array_equal(slower_forward.stoichiometry.T, [[0, 1, -1]])
+    assert slower_forward.k_forward[0] == 1.0 + 1e-6
+
+
 def test_comparison_reports_relative_errors():
     truth = load_mechanism("hydrogen-oxidation")
     found = Mechanism(truth.species, -truth.stoichiometry[:, ::-1], truth.k_reverse[::-1] * 1.001, truth.k_forward[::-1])
