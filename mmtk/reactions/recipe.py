@@ -38,7 +38,7 @@ class DerivativeRecipe:
     """The dc/dt estimator for data files without dc/dt."""
 
     method: Literal["smoothing_spline", "finite_difference"] = param("smoothing_spline", help="smoothing_spline (scipy make_smoothing_spline) or finite_difference (numpy.gradient)")
-    smoothing: Optional[float] = param(None, help="smoothing spline penalty lam; null chooses it by generalized cross-validation", min=0.0)
+    smoothing: Optional[float] = param(None, help="null: quintic smoothing spline smoothed to the estimated noise level; a number: penalty lam of scipy make_smoothing_spline (natural cubic)", min=0.0)
 
 
 @dataclass
