@@ -34,7 +34,9 @@ from mmtk.core.io import write_text
 LOG_FLOOR = 1e-30
 
 _TERM = re.compile(r"^(\d+)?\s*([A-Za-z_(\[][^\s]*)$")
-_ARROWS = ("<=>", "->", "=>")
+# The accepted arrows; any other arrow-like mark is rejected rather than guessed.
+_ARROW = re.compile(r"<=>|->")
+_ARROW_MARKS = re.compile(r"[<>=\u2190-\u21ff]")
 
 
 @dataclass
@@ -138,9 +140,15 @@ def format_equation(species: list[str], column: np.ndarray, reversible: bool = T
 
 def parse_equation(text: str, species: list[str], where: str) -> tuple[np.ndarray, bool]:
     """Parse 'A + 2 B <=> C' into a signed column over ``species`` and a reversibility flag."""
-    arrow = next((a for a in _ARROWS if a in text), None)
-    if arrow is None:
+    arrows = _ARROW.findall(text)
+    if len(arrows) > 1:
+        raise InputError(f"{where}: equation {text!r} has {len(arrows)} arrows; write one reaction per entry with one arrow, '<=>' (reversible) or '->' (irreversible).")
+    marks = _ARROW_MARKS.findall(_ARROW.sub(" ", text))
+    if marks:
+        raise InputError(f"{where}: equation {text!r} contains the unknown arrow mark {''.join(marks)!r}; the accepted arrows are '<=>' (reversible) and '->' (irreversible).")
+    if not arrows:
         raise InputError(f"{where}: equation {text!r} has no arrow; write 'A + B <=> C' (reversible) or 'A -> B' (irreversible).")
+    arrow = arrows[0]
     left, _, right = text.partition(arrow)
     column = np.zeros(len(species), dtype=np.int64)
     sides = {}

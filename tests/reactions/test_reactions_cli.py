@@ -124,6 +124,17 @@ def test_simulate_rejects_non_cpu_device(cli, tmp_path, caplog, device):
     assert not out.exists()
 
 
+def test_unknown_arrow_exits_2(cli, tmp_path, caplog):
+    mechanism = tmp_path / "arrow.yaml"
+    mechanism.write_text('species: [A, B]\nreactions:\n  - {equation: "A => B", k_forward: 2.0}\n')
+    out = tmp_path / "sim"
+    result = cli("simulate-reactions", "michaelis-menten", f"mechanism={mechanism}", "--out", out)
+    assert result.exit_code == 2
+    assert "'A => B'" in result.output + caplog.text
+    assert "'<=>' (reversible) and '->' (irreversible)" in result.output + caplog.text
+    assert not out.exists()
+
+
 def test_discover_reads_simulated_file(cli, tmp_path):
     sim = tmp_path / "sim"
     _summary(cli("simulate-reactions", "michaelis-menten", "simulation.experiments=5", "--out", sim, "--json", "-q"))

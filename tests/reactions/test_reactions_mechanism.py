@@ -87,6 +87,11 @@ def test_yaml_round_trip(tmp_path):
         (["A", "B"], "A B", "has no arrow"),
         (["A", "B"], "A + B <=> B", "both sides"),
         (["A", "B"], "A <=> A", "both sides"),
+        (["A", "B"], "A => B", "unknown arrow mark '=>'"),
+        (["A", "B"], "A <= B", "unknown arrow mark '<='"),
+        (["A", "B"], "A = B", "unknown arrow mark '='"),
+        (["A", "B"], "A \u2192 B", "unknown arrow mark"),
+        (["A", "B"], "A -> B -> A", "has 2 arrows"),
     ],
 )
 def test_bad_equations_rejected(species, equation, message):
