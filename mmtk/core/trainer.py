@@ -401,6 +401,29 @@ class Trainer:
         self._last_checkpoint_step = -1
         self._last_checkpoint: str | None = None
 
+        # Checks that need the data or the checkpoint run here, before the
+        # tool starts its run folder, so a rejected run writes nothing.
+        self._check_resume_step()
+        seed_everything(self.seed)
+        self._dataset = self._load_dataset()
+
+    def _check_resume_step(self) -> None:
+        if not self.run.resume:
+            return
+        found = latest_checkpoint(self.run.checkpoints)
+        if found is None:
+            return
+        step = int(found.stem.split("-")[-1])
+        if step > self.config.steps:
+            raise InputError(f"cannot resume: checkpoint {found} is at step {step}, beyond train.steps={self.config.steps}. Set train.steps to at least {step}.")
+
+    def _load_dataset(self) -> Dataset:
+        dataset = self.task.train_dataset()
+        size = len(dataset)  # type: ignore[arg-type]
+        if size < self.config.batch_size:
+            raise InputError(f"the training data set has {size} samples, fewer than one global batch (train.batch_size={self.config.batch_size}); lower train.batch_size or add data.")
+        return dataset
+
     # ------------------------------------------------------------- set-up
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -436,11 +459,7 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, c.steps, c.schedule, c.warmup_steps, c.min_lr_ratio, c.milestones, c.gamma)
         self.ema = EMA(model, c.ema_decay) if c.ema_decay > 0 else None
 
-        dataset = self.task.train_dataset()
-        size = len(dataset)  # type: ignore[arg-type]
-        if size < c.batch_size:
-            raise InputError(f"the training data set has {size} samples, fewer than one global batch (train.batch_size={c.batch_size}); lower train.batch_size or add data.")
-        return dataset
+        return self._dataset
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         # NOTE: the tests run DDP and FSDP with gloo on CPUs only; the NCCL and CUDA device paths have not been run.

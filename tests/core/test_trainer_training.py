@@ -173,9 +173,18 @@ def test_uneven_batch_split_rejected(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_small_dataset_rejected(tmp_path):
+def test_small_dataset_rejected_before_start(tmp_path):
+    recipe = _recipe("train.batch_size=128")
     with pytest.raises(InputError, match="96 samples"):
-        _fit(tmp_path / "run", "train.batch_size=128")
+        Trainer(tasks.TinyTask(recipe), recipe.train, RunDir(tmp_path / "run", TOOL), seed=0, device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_beyond_steps_rejected(tmp_path):
+    _fit(tmp_path / "run")
+    recipe = _recipe("train.steps=4")
+    with pytest.raises(InputError, match="beyond train.steps=4"):
+        Trainer(tasks.TinyTask(recipe), recipe.train, RunDir(tmp_path / "run", TOOL, resume=True), seed=0, device="cpu")
 
 
 def test_fit_requires_started_run(tmp_path):
