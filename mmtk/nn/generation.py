@@ -36,7 +36,9 @@ def generate_text_summary(
         ended the text), load_seconds, generate_seconds and tokens_per_second.
 
     Raises:
-        InputError: invalid settings, or a checkpoint that cannot be loaded.
+        InputError: invalid settings, an empty prompt, a prompt plus
+            ``max_new_tokens`` longer than the model's context length, or a
+            checkpoint that cannot be loaded.
     """
     from mmtk.nn.loaders import load_pretrained
 
@@ -46,6 +48,8 @@ def generate_text_summary(
         raise InputError(f"--temperature must be >= 0, got {temperature}.")
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")
+    if not prompt:
+        raise InputError("the prompt is empty; pass some text with --prompt.")
     torch_device = resolve_device(device)
 
     started = time.perf_counter()
@@ -61,6 +65,12 @@ def generate_text_summary(
     prompt_ids = tokenizer.encode(text, add_special_tokens=not chat)
     if not prompt_ids:
         raise InputError("the prompt is empty after tokenization; pass some text with --prompt.")
+    context_length = loaded.model.config.max_position_embeddings
+    if len(prompt_ids) + max_new_tokens > context_length:
+        raise InputError(
+            f"the prompt has {len(prompt_ids)} tokens and --max-new-tokens is {max_new_tokens}, {len(prompt_ids) + max_new_tokens} in all, "
+            f"but {loaded.source} has a context length (max_position_embeddings) of {context_length}; shorten the prompt or lower --max-new-tokens."
+        )
     input_ids = torch.tensor([prompt_ids], device=torch_device)
 
     generator = None
