@@ -71,7 +71,7 @@ def test_cache_holds_one_complete_folder(model_cache):
     cache, folder, _ = model_cache
     entries = sorted(p.name for p in cache.iterdir())
     assert entries == [folder.name]
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] == 30
     assert config["tie_word_embeddings"] is True
