@@ -81,16 +81,22 @@ class PretrainRecipe:
 
 
 def summarise_predictions(predictions: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Score deltas [N, T, 4] against true boxes [N, T, 4]: loss terms, IoU and the frame-0-box baseline IoU.
+    """Score deltas [N, T, 4] against true boxes [N, T, 4]: loss terms, IoU, the frame-0-box baseline IoU and a correlation.
 
     IoUs are means over frames 1..T-1 (frame 0 is given to the model).
+    ``delta_corr`` is the Pearson correlation between predicted and target
+    deltas over frames 1..T-1; it shows learning before the predictions are
+    large enough to move the IoU.
     """
     targets = encode_boxes(boxes)
     losses = ctp_loss(predictions.float(), targets)
     predicted_boxes = decode_boxes(predictions.float(), boxes[:, 0])
     iou = box_iou(predicted_boxes[:, 1:], boxes[:, 1:]).mean()
     baseline = box_iou(boxes[:, :1].expand_as(boxes[:, 1:]), boxes[:, 1:]).mean()
-    return {**losses, "iou": iou, "baseline_iou": baseline}
+    predicted = predictions[:, 1:].float().flatten() - predictions[:, 1:].float().mean()
+    target = targets[:, 1:].flatten() - targets[:, 1:].mean()
+    correlation = (predicted * target).sum() / (predicted.norm() * target.norm()).clamp(min=1e-12)
+    return {**losses, "iou": iou, "baseline_iou": baseline, "delta_corr": correlation}
 
 
 class CtPTask(TrainingTask):
@@ -118,7 +124,7 @@ class CtPTask(TrainingTask):
         with torch.no_grad():
             scores = summarise_predictions(predictions.detach(), boxes.reshape(batch_size * patches, frames, 4))
         losses = ctp_loss(predictions.float(), encode_boxes(boxes.reshape(batch_size * patches, frames, 4)))
-        return losses["loss"], {"loss_ctr": losses["loss_ctr"], "loss_size": losses["loss_size"], "iou": scores["iou"]}
+        return losses["loss"], {"loss_ctr": losses["loss_ctr"], "loss_size": losses["loss_size"], "iou": scores["iou"], "delta_corr": scores["delta_corr"]}
 
     def eval_batches(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
         """Return the fixed held-out samples, in batches of at most 8, on ``device``."""
@@ -290,6 +296,7 @@ def run(context: RunContext) -> dict[str, Any]:
         "heldout_loss": final_eval.get("loss"),
         "heldout_iou": final_eval.get("iou"),
         "heldout_baseline_iou": final_eval.get("baseline_iou"),
+        "heldout_delta_corr": final_eval.get("delta_corr"),
         "iou_curve": [[r["step"], round(r["eval/iou"], 4)] for r in eval_logged],
         "backbone": str(backbone_path),
         "checkpoint": result["checkpoint"],
@@ -317,7 +324,7 @@ def _print_summary(context: RunContext, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table("quantity", "value", title="ctp-pretrain")
-    for key in ("steps", "elapsed_s", "clips_per_s", "loss_first", "loss_last", "heldout_loss", "heldout_iou", "heldout_baseline_iou"):
+    for key in ("steps", "elapsed_s", "clips_per_s", "loss_first", "loss_last", "heldout_loss", "heldout_iou", "heldout_baseline_iou", "heldout_delta_corr"):
         value = summary[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     context.console.print(table)

@@ -222,3 +222,17 @@ def test_iou_known_values():
     a = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 2.0, 2.0]])
     b = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0], [5.0, 5.0, 6.0, 6.0]])
     assert torch.allclose(box_iou(a, b), torch.tensor([1.0, 50 / 150, 0.0]))
+
+
+def test_scores_for_perfect_and_zero_predictions():
+    from mmtk.ctp.pretrain import summarise_predictions
+
+    tracks, _ = many_tracks(count=12)
+    boxes = torch.as_tensor(np.stack([t.boxes for t in tracks]), dtype=torch.float32)
+    perfect = summarise_predictions(encode_boxes(boxes), boxes)
+    assert float(perfect["loss"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(perfect["iou"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(perfect["delta_corr"]) == pytest.approx(1.0, abs=1e-5)
+    zero = summarise_predictions(torch.zeros_like(boxes), boxes)
+    assert float(zero["iou"]) == pytest.approx(float(zero["baseline_iou"]), abs=1e-6)
+    assert float(zero["baseline_iou"]) < 1.0
