@@ -67,7 +67,8 @@ def main() -> None:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         first = train(args.out / "pred-v", "v", args, None)
-        runs = {"v": first, "eps": train(args.out / "pred-eps", "eps", args, first / "latents.h5")}
+        cache = first / "latents.h5"
+        runs = {"v": first, "eps": train(args.out / "pred-eps", "eps", args, cache if cache.is_file() else None)}
 
     records = sorted(read_coco_mini(args.images), key=lambda r: r.image_id)
     encoder = EfficientNetLite0()
