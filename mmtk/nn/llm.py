@@ -50,6 +50,17 @@ import torch.nn.functional as F
 from mmtk.nn.lora import AdaptableLinear, LowRankDelta, sample_deltas
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_positive_number(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a finite int or float above zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 # ---- configuration ----------------------------------------------------------------------
@@ -105,6 +116,14 @@ class DecoderConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if value is None and name in ("num_kv_heads", "head_dim"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            check_positive_number(name, getattr(self, name))
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
@@ -116,9 +135,24 @@ class DecoderConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+            self.check_rope_scaling()
+
+    def check_rope_scaling(self) -> None:
+        """Raise ValueError when ``rope_scaling`` has an unsupported type, or lacks or misstates a key its type needs."""
+        if not isinstance(self.rope_scaling, Mapping):
+            raise ValueError(f"rope_scaling must be a mapping or None, got {self.rope_scaling!r}")
+        rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        for key in ROPE_SCALING_KEYS[rope_type]:
+            if key not in self.rope_scaling:
+                raise ValueError(f"rope_scaling of type {rope_type!r} needs the key {key!r}, which is missing: {dict(self.rope_scaling)}")
+            check_positive_number(f"rope_scaling {key!r}", self.rope_scaling[key])
+        if rope_type == "llama3" and not self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"]:
+            raise ValueError(
+                f"rope_scaling 'high_freq_factor' ({self.rope_scaling['high_freq_factor']!r}) must be larger than "
+                f"'low_freq_factor' ({self.rope_scaling['low_freq_factor']!r})"
+            )
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -18,8 +18,9 @@ def model_from_state_dict(config: DecoderConfig, state: Mapping[str, torch.Tenso
     initialisation, and the loaded tensors are assigned in place.
 
     Raises:
-        InputError: ``state`` lacks a parameter, has an extra one or a tensor
-            of the wrong shape; the message names ``source``.
+        InputError: ``state`` lacks a parameter, has an extra one, a tensor
+            of the wrong shape or one with NaN or infinite values; the message
+            names ``source``.
     """
     with torch.device("meta"):
         model = DecoderLM(config)
@@ -46,6 +47,10 @@ def model_from_state_dict(config: DecoderConfig, state: Mapping[str, torch.Tenso
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the configuration implies {tuple(expected[name].shape)}; "
                 "the config and the weights do not match."
             )
+
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{source}: tensor {name} contains NaN or infinite values; the checkpoint is damaged or was saved after training diverged.")
 
     converted = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
     if tied:

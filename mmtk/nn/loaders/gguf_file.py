@@ -70,7 +70,8 @@ def config_from_gguf(metadata: dict[str, Any], path: Path) -> DecoderConfig:
     """Translate GGUF ``{architecture}.*`` metadata into a ``DecoderConfig``.
 
     Raises:
-        InputError: the architecture or its RoPE scaling is not supported, or a key is missing.
+        InputError: the architecture or its RoPE scaling is not supported, or
+            a key is missing or has an invalid value (the message names both).
     """
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -82,32 +83,49 @@ def config_from_gguf(metadata: dict[str, Any], path: Path) -> DecoderConfig:
             raise InputError(f"{path}: GGUF metadata key {arch}.{name} is missing.")
         return value
 
+    def positive_int(name: str, default: Any = None) -> int:
+        value = key(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(f"{path}: GGUF metadata key {arch}.{name} must be a positive integer, got {value!r}.")
+        return int(value)
+
+    def positive_float(name: str, default: Any = None) -> float:
+        value = key(name, default)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value <= 0:
+            raise InputError(f"{path}: GGUF metadata key {arch}.{name} must be a positive number, got {value!r}.")
+        return float(value)
+
     rope_scaling = None
     scaling_type = metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": positive_float("rope.scaling.factor")}
     elif scaling_type != "none":
         raise InputError(f"{path}: RoPE scaling {scaling_type!r} is not supported; supported: none, linear.")
 
-    num_heads = int(key("attention.head_count"))
-    hidden_size = int(key("embedding_length"))
+    num_heads = positive_int("attention.head_count")
+    hidden_size = positive_int("embedding_length")
     tokens = metadata.get("tokenizer.ggml.tokens")
     vocab_size = metadata.get(f"{arch}.vocab_size") or (len(tokens) if tokens else None)
     if vocab_size is None:
         raise InputError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size.")
-    head_dim = int(metadata.get(f"{arch}.attention.key_length", hidden_size // num_heads))
+    if f"{arch}.attention.key_length" in metadata:
+        head_dim = positive_int("attention.key_length")
+    elif hidden_size % num_heads:
+        raise InputError(f"{path}: {arch}.embedding_length {hidden_size} is not divisible by {arch}.attention.head_count {num_heads}, and {arch}.attention.key_length is missing.")
+    else:
+        head_dim = hidden_size // num_heads
     try:
         return DecoderConfig(
             vocab_size=int(vocab_size),
             hidden_size=hidden_size,
-            intermediate_size=int(key("feed_forward_length")),
-            num_layers=int(key("block_count")),
+            intermediate_size=positive_int("feed_forward_length"),
+            num_layers=positive_int("block_count"),
             num_heads=num_heads,
-            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+            num_kv_heads=positive_int("attention.head_count_kv", num_heads),
             head_dim=head_dim,
-            max_position_embeddings=int(key("context_length", 4096)),
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
+            max_position_embeddings=positive_int("context_length", 4096),
+            rms_norm_eps=positive_float("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=positive_float("rope.freq_base", 10000.0),
             rope_scaling=rope_scaling,
             attention_bias=arch == "qwen2",
             tie_word_embeddings=False,
@@ -115,7 +133,7 @@ def config_from_gguf(metadata: dict[str, Any], path: Path) -> DecoderConfig:
             eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
             pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
         )
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise InputError(f"{path}: invalid model configuration: {exc}") from exc
 
 

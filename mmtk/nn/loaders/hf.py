@@ -10,7 +10,7 @@ import torch
 
 from mmtk.core.errors import InputError
 from mmtk.core.logging import get_logger
-from mmtk.nn.llm import SUPPORTED_ROPE_TYPES, DecoderConfig, DecoderLM
+from mmtk.nn.llm import SUPPORTED_ROPE_TYPES, DecoderConfig, DecoderLM, check_positive_number
 from mmtk.nn.loaders.common import model_from_state_dict
 
 log = get_logger(__name__)
@@ -38,7 +38,9 @@ def config_from_hf(values: dict[str, Any], source: Path) -> DecoderConfig:
     ``rope_parameters`` mapping that transformers 5 writes.
 
     Raises:
-        InputError: the model type, activation, RoPE scaling or sliding window is not supported.
+        InputError: the model type, activation, RoPE scaling or sliding window
+            is not supported, or a value is missing or invalid (the message
+            names the key and the value).
     """
     model_type = values.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -49,29 +51,34 @@ def config_from_hf(values: dict[str, Any], source: Path) -> DecoderConfig:
     if values.get("use_sliding_window"):
         raise InputError(f"{source}: sliding-window attention (use_sliding_window=true) is not supported.")
 
-    rope = dict(values.get("rope_parameters") or {})
+    rope = values.get("rope_parameters") or {}
     legacy_scaling = values.get("rope_scaling")
+    for key, value in (("rope_parameters", rope), ("rope_scaling", legacy_scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise InputError(f"{source}: {key} must be a JSON object or null, got {value!r}.")
+    rope = dict(rope)
     if legacy_scaling:
         rope.update(legacy_scaling)
-    rope_theta = float(rope.pop("rope_theta", values.get("rope_theta", 10000.0)))
+    rope_theta = rope.pop("rope_theta", values.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise InputError(f"{source}: RoPE type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
     rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
 
     qkv_bias = bool(values.get("attention_bias", False)) or model_type == "qwen2"
+    num_heads = config_int(values, "num_attention_heads", source)
     try:
         return DecoderConfig(
-            vocab_size=int(values["vocab_size"]),
-            hidden_size=int(values["hidden_size"]),
-            intermediate_size=int(values["intermediate_size"]),
-            num_layers=int(values["num_hidden_layers"]),
-            num_heads=int(values["num_attention_heads"]),
-            num_kv_heads=int(values.get("num_key_value_heads") or values["num_attention_heads"]),
-            head_dim=values.get("head_dim"),
-            max_position_embeddings=int(values.get("max_position_embeddings", 4096)),
-            rms_norm_eps=float(values.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
+            vocab_size=config_int(values, "vocab_size", source),
+            hidden_size=config_int(values, "hidden_size", source),
+            intermediate_size=config_int(values, "intermediate_size", source),
+            num_layers=config_int(values, "num_hidden_layers", source),
+            num_heads=num_heads,
+            num_kv_heads=config_int(values, "num_key_value_heads", source, default=num_heads),
+            head_dim=config_int(values, "head_dim", source, default=None),
+            max_position_embeddings=config_int(values, "max_position_embeddings", source, default=4096),
+            rms_norm_eps=config_number(values, "rms_norm_eps", source, default=1e-6),
+            rope_theta=config_number({"rope_theta": rope_theta}, "rope_theta", source),
             rope_scaling=rope_scaling,
             attention_bias=qkv_bias,
             attention_out_bias=model_type == "llama" and bool(values.get("attention_bias", False)),
@@ -81,10 +88,48 @@ def config_from_hf(values: dict[str, Any], source: Path) -> DecoderConfig:
             eos_token_id=values.get("eos_token_id"),
             pad_token_id=values.get("pad_token_id"),
         )
-    except KeyError as exc:
-        raise InputError(f"{source}: required key {exc.args[0]!r} is missing.") from exc
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{source}: invalid configuration: {exc}") from exc
+        raise InputError(f"{source}: invalid configuration: {exc}.") from exc
+
+
+_REQUIRED = object()
+
+
+def config_int(values: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
+    """Return ``values[key]`` as a positive int; a missing or null key gives ``default``.
+
+    Raises:
+        InputError: the key is required and missing, or its value is not a
+            positive integer (integral floats such as 64.0 are accepted).
+    """
+    value = values.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise InputError(f"{source}: required key {key!r} is missing.")
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{source}: {key} must be a positive integer, got {value!r}.")
+    return value
+
+
+def config_number(values: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> float:
+    """Return ``values[key]`` as a positive finite float; a missing or null key gives ``default``.
+
+    Raises:
+        InputError: the key is required and missing, or its value is not a positive number.
+    """
+    value = values.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise InputError(f"{source}: required key {key!r} is missing.")
+        return default
+    try:
+        check_positive_number(key, value)
+    except ValueError as exc:
+        raise InputError(f"{source}: {exc}.") from exc
+    return float(value)
 
 
 def weight_files(folder: Path) -> list[Path]:
