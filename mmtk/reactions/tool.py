@@ -454,9 +454,18 @@ def _progress(context: RunContext, recipe: DiscoverRecipe):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True), transient=True)
 
 
+def select_best_restart(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the restart to report: converged structures first, then the lowest training MSE.
+
+    A restart whose W became integer beats any that did not, whatever their
+    MSE, because an unconverged W is not a mechanism.
+    """
+    return min(results, key=lambda r: (not r["structure_converged"], r["train_mse"]))
+
+
 def report(context: RunContext, recipe: DiscoverRecipe, prepared: PreparedData, results: list[dict[str, Any]], histories: dict, backend_name: str, seconds: float) -> dict[str, Any]:
     """Pick the best restart, write mechanism.yaml and loss.png, print tables; return the summary."""
-    best = min(results, key=lambda r: r["train_mse"])
+    best = select_best_restart(results)
     species = prepared.samples.species
     raw = Mechanism(species=species, stoichiometry=best["W"].astype(np.int64), k_forward=np.exp(best["log_forward"]), k_reverse=np.exp(best["log_reverse"]), name="discovered")
     found = canonicalize(drop_empty_reactions(raw))

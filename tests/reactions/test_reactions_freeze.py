@@ -283,3 +283,15 @@ def test_reset_rates_redraws_rates(reset_rates):
     else:
         np.testing.assert_array_equal(b_f, [7.0, 6.0, 5.0])
         np.testing.assert_array_equal(b_r, [-7.0, -6.0, -5.0])
+
+
+def test_best_restart_prefers_converged_structure():
+    from mmtk.reactions.tool import select_best_restart
+
+    results = [
+        {"restart": 0, "structure_converged": True, "train_mse": 1e-3},
+        {"restart": 1, "structure_converged": False, "train_mse": 1e-6},
+        {"restart": 2, "structure_converged": True, "train_mse": 1e-4},
+    ]
+    assert select_best_restart(results)["restart"] == 2
+    assert select_best_restart(results[1:2])["restart"] == 1
