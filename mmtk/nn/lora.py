@@ -69,6 +69,8 @@ class AdaptableLinear(nn.Linear):
         self.lora_dropout: nn.Module = nn.Identity()
         self.merged = False
         self.sample_delta: LowRankDelta | None = None
+        # The weight before merge(), so unmerge() restores it exactly even in bf16/fp16.
+        self.register_buffer("unmerged_weight", None, persistent=False)
 
     # ---- LoRA adapter ----------------------------------------------------------------
 
@@ -103,19 +105,43 @@ class AdaptableLinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the adapter's update into ``weight``; the forward pass then skips the adapter."""
+        """Add the adapter's update into ``weight``; the forward pass then skips the adapter.
+
+        A copy of the weight before the merge is kept (one more weight-sized
+        tensor per merged layer), so ``unmerge`` restores it bit for bit.
+        """
         if self.lora_A is None or self.merged:
             return
+        self.unmerged_weight = self.weight.detach().clone()
         self.weight += self.lora_weight().to(self.weight.dtype)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract a merged adapter's update from ``weight`` again."""
+        """Restore the weight saved by ``merge``, so the forward pass applies the adapter again.
+
+        Changes made to ``weight`` while merged are discarded.
+        """
         if self.lora_A is None or not self.merged:
             return
-        self.weight -= self.lora_weight().to(self.weight.dtype)
+        self.weight.copy_(self.unmerged_weight)
+        self.unmerged_weight = None
         self.merged = False
+
+    # ---- state dict --------------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Save the weight without the adapter, because the adapter factors are saved
+        # beside it and a model loading both would otherwise apply the update twice.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + "weight"] = self.unmerged_weight if keep_vars else self.unmerged_weight.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Saved weights never contain the adapter, so take a merged adapter out first;
+        # the layer is unmerged after loading.
+        self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- forward -----------------------------------------------------------------------
 
@@ -193,14 +219,16 @@ def add_lora(
 ) -> list[str]:
     """Attach LoRA adapters to the chosen linears of ``model``; returns their names.
 
-    With ``freeze_base`` (default), every other parameter of the model stops
-    requiring gradients, so an optimiser over ``lora_parameters(model)``
-    trains the adapters only.
+    With ``freeze_base`` (default), every parameter of the model that is not
+    an adapter factor stops requiring gradients, so an optimiser over
+    ``lora_parameters(model)`` trains the adapters only. Adapters added by
+    earlier calls stay trainable.
     """
     selected = select_linears(model, targets, blocks)
     if freeze_base:
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        for name, parameter in model.named_parameters():
+            if not name.endswith((".lora_A", ".lora_B")):
+                parameter.requires_grad_(False)
     for module in selected.values():
         module.add_lora(rank, alpha, dropout)
     return sorted(selected)
@@ -216,7 +244,11 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Return only the adapter tensors of ``model``'s state dict, for small adapter files."""
+    """Return only the adapter tensors of ``model``'s state dict, for small adapter files.
+
+    ``model.state_dict()`` always stores weights without the adapters, merged
+    or not, so loading it with the adapter factors gives the same model.
+    """
     return {key: value for key, value in model.state_dict().items() if key.endswith((".lora_A", ".lora_B"))}
 
 

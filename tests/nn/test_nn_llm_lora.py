@@ -140,3 +140,68 @@ def test_sample_deltas_reject_bad_names_and_shapes():
         with sample_deltas(model, {"layers.0.self_attn.k_proj": good}):
             pass
     assert layer.sample_delta is None
+
+
+def test_merged_state_dict_round_trip():
+    model = tiny_model()
+    add_lora(model, targets=("q_proj", "v_proj"), rank=2, alpha=4.0)
+    randomise_adapters(model)
+    base_weight = model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with torch.no_grad():
+        expected = model(ids()).logits
+        merge_lora(model)
+        state = model.state_dict()
+
+    fresh = tiny_model(seed=5)
+    add_lora(fresh, targets=("q_proj", "v_proj"), rank=2, alpha=4.0)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        reloaded = fresh(ids()).logits
+        merge_lora(fresh)
+        reloaded_merged = fresh(ids()).logits
+
+    assert torch.equal(state["layers.0.self_attn.q_proj.weight"], base_weight)
+    assert (reloaded - expected).abs().max().item() < 1e-5
+    assert (reloaded_merged - expected).abs().max().item() < 1e-5
+
+
+def test_load_into_merged_model():
+    source = tiny_model()
+    add_lora(source, targets=("v_proj",), rank=2)
+    randomise_adapters(source)
+    with torch.no_grad():
+        expected = source(ids()).logits
+
+    target = tiny_model(seed=3)
+    add_lora(target, targets=("v_proj",), rank=2)
+    randomise_adapters(target)
+    merge_lora(target)
+    target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        actual = target(ids()).logits
+
+    assert not target.layers[0].self_attn.v_proj.merged
+    assert (actual - expected).abs().max().item() < 1e-5
+
+
+def test_second_add_lora_keeps_first_trainable():
+    model = tiny_model()
+    first = add_lora(model, targets=("q_proj",), rank=2)
+    second = add_lora(model, targets=("v_proj",), rank=2)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{p}" for n in first + second for p in ("lora_A", "lora_B")}
+
+
+def test_bf16_unmerge_restores_weight_exactly():
+    model = tiny_model().to(torch.bfloat16)
+    add_lora(model, targets=("q_proj", "v_proj", "down_proj"), rank=4, alpha=8.0)
+    randomise_adapters(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith(".weight")}
+    merge_lora(model)
+    merged_weight = model.layers[0].self_attn.q_proj.weight.detach().clone()
+    unmerge_lora(model)
+
+    assert not torch.equal(merged_weight, before["layers.0.self_attn.q_proj.weight"])
+    for name, parameter in model.named_parameters():
+        if name.endswith(".weight"):
+            assert torch.equal(parameter, before[name]), name
