@@ -110,3 +110,11 @@ def test_frechet_singular_rotated_closed_form():
     mean = np.zeros(4)
     # By hand: (1 - 2)^2 + (0 - 3)^2 + (2 - 0)^2 + 0 = 14.
     assert frechet_distance_from_statistics(mean, cov_a, mean, cov_b) == pytest.approx(14.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_frechet_identical_sets_zero(method):
+    features = np.random.default_rng(3).normal(size=(64, 256)) * 5.0
+    distance = frechet_distance(features, features, method=method)
+    assert distance >= 0.0
+    assert distance < 1e-3
