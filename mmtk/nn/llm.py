@@ -704,7 +704,13 @@ class DecoderLM(nn.Module):
                 ``0..num_layers`` for the input of block ``i`` (``num_layers``
                 is again the final normed output).
             Other arguments as in ``forward``.
+
+        Raises:
+            ValueError: ``layer`` is outside ``0..num_layers``.
         """
+        num_layers = self.config.num_layers
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers):
+            raise ValueError(f"layer must be None or an int in 0..{num_layers} (the input of block i, or {num_layers} for the final output), got {layer!r}")
         out = self.forward(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             deltas=deltas, output_hidden_states=layer is not None, compute_logits=False,

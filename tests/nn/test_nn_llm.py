@@ -347,3 +347,18 @@ def test_config_rejects_unsupported_rope():
         DecoderConfig(hidden_size=64, num_heads=4, rope_scaling={"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="multiple"):
         DecoderConfig(hidden_size=64, num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("layer", [-1, 4, 1.0])
+def test_encode_rejects_layer_out_of_range(llama_pair, layer):
+    _, model = llama_pair
+    assert model.config.num_layers == 3
+    with pytest.raises(ValueError, match=r"layer must be None or an int in 0\.\.3"):
+        model.encode(random_ids(1, 4), layer=layer)
+
+
+def test_encode_last_layer_is_final_output(llama_pair):
+    _, model = llama_pair
+    ids = random_ids(1, 4)
+    with torch.no_grad():
+        assert torch.equal(model.encode(ids, layer=3), model.encode(ids))
