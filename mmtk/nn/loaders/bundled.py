@@ -155,7 +155,7 @@ def cache_problem(folder: Path) -> str | None:
     try:
         files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
-        return f"{manifest_path} is missing"
+        return f"{manifest_path} is missing (an older mmtk wrote the folder, or it is damaged)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{manifest_path} is unreadable ({exc})"
     for name in REQUIRED_CACHE_FILES:
