@@ -113,3 +113,14 @@ def test_bad_gguf_metadata_rejected(tmp_path, changes, needle):
 def test_good_gguf_metadata_accepted(tmp_path):
     config = config_from_gguf(gguf_metadata(), tmp_path / "model.gguf")
     assert (config.head_dim, config.num_kv_heads) == (8, 2)
+
+
+def test_all_finite_survives_sum_overflow():
+    from mmtk.nn.loaders.common import all_finite
+
+    large = torch.full((4,), 3e38)
+    assert not bool(torch.isfinite(large.sum()))
+    assert all_finite(large)
+    assert all_finite(torch.full((4,), 60000.0, dtype=torch.float16))
+    assert not all_finite(torch.tensor([1.0, math.nan, 2.0], dtype=torch.bfloat16))
+    assert not all_finite(torch.tensor([1.0, -math.inf]))
