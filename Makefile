@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmtk-installed
 
-.PHONY: setup demo test test-all clean-venv
+.PHONY: setup demo demo-mmar demo-video test test-all clean-venv
 
 setup: $(STAMP)
 
@@ -44,6 +44,14 @@ demo: setup
 	$(MMTK) recommend-path frcsub network=$(DEMO_OUT)/build-causal-kg --out $(DEMO_OUT)/recommend-path
 	@echo "== 3. check the bundled SmolLM2-135M-Instruct"
 	$(MMTK) generate-text --prompt "What is the capital of France?" --max-new-tokens 24
+
+# Second example (about 10 minutes on two idle cores): MMAR on coco-mini.
+COCO_MINI ?= ../shared/data/coco-mini
+
+demo-mmar: setup
+	@echo "== demo outputs go to $(DEMO_OUT)"
+	$(MMTK) train-kl-autoencoder small data.images=$(COCO_MINI) --out $(DEMO_OUT)/train-kl-autoencoder
+	$(MMTK) train-mmar small data.images=$(COCO_MINI) autoencoder.checkpoint=$(DEMO_OUT)/train-kl-autoencoder/autoencoder.pt --out $(DEMO_OUT)/train-mmar
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
