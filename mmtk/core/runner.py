@@ -124,8 +124,13 @@ def run_tool(
     overrides: list[str],
     options: RunOptions,
     main: Callable[[RunContext], dict[str, Any]],
+    resumable_keys: frozenset[str] = frozenset(),
 ) -> int:
-    """Load the recipe, prepare the run folder and call ``main``; return the exit code."""
+    """Load the recipe, prepare the run folder and call ``main``; return the exit code.
+
+    ``resumable_keys`` names recipe keys (last components) that may change on
+    ``--resume`` besides the run-length, logging and device keys.
+    """
 
     runs: list[RunDir] = []
 
@@ -137,7 +142,7 @@ def run_tool(
             recipe = _set_top_level(recipe, "device", options.device, "--device")
         _check_seed_and_device(recipe)
 
-        run = RunDir(options.out or default_run_path(tool), tool, resume=options.resume)
+        run = RunDir(options.out or default_run_path(tool), tool, resume=options.resume, resumable_keys=resumable_keys)
         runs.append(run)
         context = RunContext(tool=tool, recipe=recipe, run=run, options=options, console=human_console(options))
         summary = main(context)

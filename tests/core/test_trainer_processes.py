@@ -133,7 +133,6 @@ def test_two_processes_match_one(tmp_path, parallel):
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-6)
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_process_resume_is_bit_exact(tmp_path):
     # Dropout on: each rank's own random stream and metric window must survive the restart.

@@ -114,7 +114,7 @@ def main() -> None:
 
     recipe_file = Path(out).parent / f"{Path(out).name}-recipe.yaml"
     recipe_file.write_text("seed: 0\n")
-    code = run_tool("tiny-train", TinyRecipe, recipe_file, overrides, RunOptions(out=Path(out), resume=mode == "resume"), tool)
+    code = run_tool("tiny-train", TinyRecipe, recipe_file, overrides, RunOptions(out=Path(out), resume=mode == "resume"), tool, resumable_keys=frozenset({"crash_at_step", "step_sleep"}))
     sys.exit(code)
 
 

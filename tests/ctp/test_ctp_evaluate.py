@@ -36,7 +36,6 @@ def test_logistic_regression_separates_clusters():
     assert accuracy == 1.0
 
 
-@pytest.mark.slow
 def test_smoke_data_set_layout(tmp_path):
     from mmtk.ctp.smoke import build_smoke_dataset
     from mmtk.ctp.video import probe_video, read_ucf101_split

@@ -104,7 +104,6 @@ def test_chat_template_matches_transformers(mmtk_model, reference_tokenizer):
     assert mmtk_model.tokenizer.apply_chat_template(with_system) == expected.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
 
 
-@pytest.mark.slow
 def test_logits_match_transformers(mmtk_model, reference_model):
     model = reference_model
     text = mmtk_model.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])
@@ -115,7 +114,6 @@ def test_logits_match_transformers(mmtk_model, reference_model):
     assert (actual - expected).abs().max().item() < 1e-3
 
 
-@pytest.mark.slow
 def test_greedy_continuation_matches_transformers(mmtk_model, reference_model, reference_tokenizer):
     model, tokenizer = reference_model, reference_tokenizer
     for prompt in PROMPTS:

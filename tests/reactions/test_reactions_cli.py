@@ -49,7 +49,6 @@ def test_michaelis_menten_recovered(cli, tmp_path):
     np.testing.assert_allclose(found.rhs(c), truth.rhs(c), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_linear_chain_recovered(cli, tmp_path):
     # The bundled recipe as shipped (seed 1); W froze near epoch 90,000 when measured.
     summary = _summary(cli("discover-reactions", "linear-chain", "--out", tmp_path / "chain", "--json", "-q"))
