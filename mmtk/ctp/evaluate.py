@@ -101,13 +101,21 @@ class EvaluateRecipe:
 
 def load_pretrained_backbone(path: Path) -> tuple[BackboneConfig, dict[str, torch.Tensor]]:
     """Read a ``backbone.pt`` of ctp-pretrain: (architecture, state dict). Raises InputError for other files."""
-    state = load_checkpoint(path, expected_tool=PRETRAIN_TOOL)
+    try:
+        state = load_checkpoint(path, expected_tool=PRETRAIN_TOOL)
+    except OSError as exc:
+        # torch.load raises OSError for some truncated zip archives, which load_checkpoint does not catch.
+        raise InputError(f"cannot load checkpoint {path} (corrupt or truncated): {exc}. Pass a complete backbone.pt of ctp-pretrain.") from exc
     if state.get("format") != BACKBONE_FORMAT or "state_dict" not in state or "backbone" not in state:
         raise InputError(f"{path} is a ctp-pretrain checkpoint but not a backbone file; pass the run's backbone.pt, not a file from checkpoints/.")
     try:
         config = build(BackboneConfig, state["backbone"], "backbone")
     except InputError as exc:
         raise InputError(f"{path} describes an invalid backbone: {exc}") from exc
+    try:
+        make_backbone(config, state["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise InputError(f"the weights in {path} do not fit the backbone it describes ({config.arch}-{config.depth}, widths {config.widths}): {exc}. Pass an unmodified backbone.pt of ctp-pretrain.") from exc
     return config, state["state_dict"]
 
 
@@ -265,6 +273,9 @@ def run(context: RunContext) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix="mmtk-ctp-smoke-"))
     try:
         data = prepare_data(recipe, staging / "smoke-data")
+        batch_size = recipe.finetune.train.batch_size
+        if "finetune" in recipe.protocols and len(data.train_records) < batch_size:
+            raise InputError(f"the train split has {len(data.train_records)} videos, fewer than finetune.train.batch_size={batch_size}; lower the batch size.")
         context.start()
         if data.smoke:
             final = context.run.file("smoke-data")

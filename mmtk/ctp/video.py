@@ -68,10 +68,12 @@ def _open_container(path: Path):
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    """Read the stream header and decode the first frame, raising DataError if the file is unreadable.
+    """Decode every frame of a video to count them, raising DataError if the file is unreadable.
 
-    The frame count comes from the container header; when the header does not
-    state it, every frame is decoded and counted.
+    The count is that of the decodable frames, not the container header's,
+    because a truncated file keeps its header but fails part-way through
+    decoding, and the clip cache stores only the frames that decode.
+    Frames are decoded but not converted to RGB.
     """
     import av
 
@@ -81,16 +83,15 @@ def probe_video(path: str | Path) -> VideoInfo:
     container = _open_container(path)
     try:
         stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
         fps = float(stream.average_rate) if stream.average_rate else 0.0
-        num_frames = int(stream.frames or 0)
         try:
             frames = container.decode(stream)
             first = next(frames, None)
             if first is None:
                 raise DataError(f"video {path} contains no decodable frames. Remove it from the data set.")
             width, height = first.width, first.height
-            if num_frames <= 0:
-                num_frames = 1 + sum(1 for _ in frames)
+            num_frames = 1 + sum(1 for _ in frames)
         except av.error.FFmpegError as exc:
             raise DataError(f"cannot decode video {path}: {exc}. Re-encode or remove the file.") from exc
     finally:
@@ -211,7 +212,12 @@ def read_ucf101_classes(class_index: Path) -> list[str]:
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit():
             raise DataError(f"{class_index} line {number}: expected '<id> <class name>', got {line!r}.")
-        entries[int(parts[0])] = parts[1]
+        class_id, name = int(parts[0]), parts[1]
+        if class_id in entries:
+            raise DataError(f"{class_index} line {number}: class id {class_id} is listed twice ({entries[class_id]!r} and {name!r}). Give every class its own id.")
+        if name in entries.values():
+            raise DataError(f"{class_index} line {number}: class {name!r} is listed twice. List every class once.")
+        entries[class_id] = name
     ids = sorted(entries)
     if ids != list(range(1, len(ids) + 1)):
         raise DataError(f"{class_index}: class ids must run 1..N without gaps, got {ids[:10]}.")
@@ -239,6 +245,8 @@ def read_ucf101_split(root: Path, split_dir: Path, subset: str, split: int = 1) 
         name = parts[0]
         class_name = name.split("/")[0]
         if len(parts) > 1:
+            if not parts[1].isdigit():
+                raise DataError(f"{list_path} line {number}: the label {parts[1]!r} is not a class id; expected '<Class>/<file> <1-based id>'.")
             label = int(parts[1]) - 1
         elif class_name in class_ids:
             label = class_ids[class_name]

@@ -1,0 +1,135 @@
+"""Bad input to ctp-pretrain and ctp-evaluate: each case must exit 2 (or raise DataError) and write nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmtk.core.errors import DataError
+from mmtk.ctp.video import encode_video, probe_video, read_ucf101_classes, read_ucf101_split
+
+from .conftest import FRAMES, moving_texture
+from .test_ctp_cli import TINY_EVALUATE, TINY_PRETRAIN, write_recipe
+
+
+def write_truncated_video(path: Path, keep_fraction: float) -> Path:
+    """Write a synthetic mp4 with its header (moov) first, then cut it to ``keep_fraction`` of its bytes.
+
+    The header still states all FRAMES frames, but only the frames before the cut decode.
+    """
+    import av
+
+    plain = path.with_name("plain.mp4")
+    encode_video(plain, moving_texture(7))
+    whole = path.with_name("faststart.mp4")
+    with av.open(str(plain)) as source, av.open(str(whole), "w", options={"movflags": "faststart"}) as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is None:
+                continue
+            packet.stream = stream
+            target.mux(packet)
+    data = whole.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+    plain.unlink()
+    whole.unlink()
+    return path
+
+
+def test_probe_counts_frames_of_truncated_video(tmp_path):
+    path = write_truncated_video(tmp_path / "cut.mp4", 0.5)
+    info = probe_video(path)
+    assert 0 < info.num_frames < FRAMES
+    assert info.num_frames == len(list(_decoded_frames(path)))
+
+
+def _decoded_frames(path: Path):
+    import av
+
+    with av.open(str(path)) as container:
+        yield from container.decode(container.streams.video[0])
+
+
+def test_pretrain_rejects_truncated_video(tmp_path, cli, video_folder):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "good.mp4").write_bytes((video_folder / "clip0.mp4").read_bytes())
+    write_truncated_video(folder / "cut.mp4", 0.5)
+    out = tmp_path / "run"
+    result = cli("ctp-pretrain", write_recipe(tmp_path / "r.yaml", TINY_PRETRAIN, root=folder), "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "cut.mp4" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("1 Drift\n1 Still\n2 Other\n", "class id 1 is listed twice"),
+        ("1 Drift\n2 Drift\n", "class 'Drift' is listed twice"),
+        ("1 Drift\n3 Still\n", "without gaps"),
+    ],
+)
+def test_class_index_rejects_duplicates_and_gaps(tmp_path, lines, message):
+    path = tmp_path / "classInd.txt"
+    path.write_text(lines)
+    with pytest.raises(DataError, match=message):
+        read_ucf101_classes(path)
+
+
+def test_split_list_rejects_non_integer_label(tmp_path, ucf_dataset):
+    root, splits = ucf_dataset
+    bad = tmp_path / "splits"
+    bad.mkdir()
+    (bad / "classInd.txt").write_text((splits / "classInd.txt").read_text())
+    (bad / "trainlist01.txt").write_text("Drift/v_Drift_g00.mp4 one\n")
+    with pytest.raises(DataError, match="'one' is not a class id"):
+        read_ucf101_split(root, bad, "train")
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory) -> Path:
+    """A backbone.pt as ctp-pretrain writes it, for a randomly initialised tiny R3D-10."""
+    from mmtk.core.recipe import build
+    from mmtk.ctp.backbones import PRETRAIN_STRIDES, VideoResNet
+    from mmtk.ctp.pretrain import PretrainRecipe, save_backbone
+
+    recipe = build(PretrainRecipe, {"backbone": TINY_PRETRAIN["backbone"]}, "recipe")
+    path = tmp_path_factory.mktemp("backbone") / "backbone.pt"
+    save_backbone(path, VideoResNet(recipe.backbone, PRETRAIN_STRIDES), recipe, step=0)
+    return path
+
+
+def _evaluate(cli, tmp_path, ucf_dataset, *overrides):
+    root, splits = ucf_dataset
+    recipe = write_recipe(tmp_path / "e.yaml", TINY_EVALUATE, root=root, splits=splits)
+    return cli("ctp-evaluate", recipe, *overrides, "--out", tmp_path / "eval")
+
+
+def test_evaluate_rejects_truncated_backbone(tmp_path, cli, ucf_dataset, backbone_file):
+    cut = tmp_path / "backbone.pt"
+    cut.write_bytes(backbone_file.read_bytes()[:5000])
+    result = _evaluate(cli, tmp_path, ucf_dataset, f"checkpoint={cut}")
+    assert result.exit_code == 2, result.output
+    assert "truncated" in result.output
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_rejects_weights_of_other_shape(tmp_path, cli, ucf_dataset, backbone_file):
+    state = torch.load(backbone_file, weights_only=True)
+    state["backbone"]["widths"] = [8, 8, 8, 8]
+    edited = tmp_path / "backbone.pt"
+    torch.save(state, edited)
+    result = _evaluate(cli, tmp_path, ucf_dataset, f"checkpoint={edited}")
+    assert result.exit_code == 2, result.output
+    assert "do not fit" in result.output
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_rejects_batch_larger_than_train_split(tmp_path, cli, ucf_dataset):
+    result = _evaluate(cli, tmp_path, ucf_dataset, "inits=[random]", "finetune.train.batch_size=5")
+    assert result.exit_code == 2, result.output
+    assert "finetune.train.batch_size=5" in result.output
+    assert not (tmp_path / "eval").exists()
