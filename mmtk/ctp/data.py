@@ -73,6 +73,20 @@ def probe_records(records: Sequence[VideoRecord], min_frames: int) -> list[Video
     return infos
 
 
+def check_cache_path(path: Path) -> None:
+    """Raise DataError if ``path`` cannot take a clip cache: a folder, or an existing file that is not HDF5.
+
+    An existing HDF5 file is overwritten when it does not match the data, so
+    this check keeps a mistyped path from replacing an unrelated file.
+    """
+    import h5py
+
+    if path.is_dir():
+        raise DataError(f"data.cache={path} is a folder. Set data.cache to an .h5 file path, or null for one in the run folder.")
+    if path.exists() and not h5py.is_hdf5(path):
+        raise DataError(f"data.cache={path} exists and is not an HDF5 file, so it is not a clip cache. Delete it or set data.cache to another path.")
+
+
 def open_cache(path: Path, records: Sequence[VideoRecord], short_side: int) -> ClipCache:
     """Reuse the cache at ``path`` if it matches ``records``, else decode all videos into it."""
     if cache_matches(path, records, short_side):

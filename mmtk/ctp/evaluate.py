@@ -41,7 +41,7 @@ from mmtk.core.runner import RunContext
 from mmtk.core.seeding import seed_everything
 from mmtk.core.trainer import Trainer, TrainConfig, TrainingTask
 from mmtk.ctp.backbones import FINETUNE_STRIDES, BackboneConfig, VideoResNet
-from mmtk.ctp.data import ClipViewConfig, LabelledClips, VideoDataConfig, open_cache, probe_records, read_records
+from mmtk.ctp.data import ClipViewConfig, LabelledClips, VideoDataConfig, check_cache_path, open_cache, probe_records, read_records
 from mmtk.ctp.pretrain import BACKBONE_FORMAT
 from mmtk.ctp.pretrain import TOOL as PRETRAIN_TOOL
 from mmtk.ctp.video import ClipCache
@@ -276,6 +276,9 @@ def run(context: RunContext) -> dict[str, Any]:
         batch_size = recipe.finetune.train.batch_size
         if "finetune" in recipe.protocols and len(data.train_records) < batch_size:
             raise InputError(f"the train split has {len(data.train_records)} videos, fewer than finetune.train.batch_size={batch_size}; lower the batch size.")
+        if recipe.data.cache is not None:
+            check_cache_path(recipe.data.cache)
+            check_cache_path(_sibling(recipe.data.cache, "test"))
         context.start()
         if data.smoke:
             final = context.run.file("smoke-data")

@@ -25,7 +25,7 @@ from mmtk.core.recipe import param, to_dict
 from mmtk.core.runner import RunContext
 from mmtk.core.trainer import Trainer, TrainConfig, TrainingTask, unwrap_model
 from mmtk.ctp.backbones import PRETRAIN_STRIDES, BackboneConfig, VideoResNet, count_parameters, maybe_sync_batchnorm
-from mmtk.ctp.data import FrameRange, ProxyClips, VideoDataConfig, open_cache, probe_records, read_records
+from mmtk.ctp.data import FrameRange, ProxyClips, VideoDataConfig, check_cache_path, open_cache, probe_records, read_records
 from mmtk.ctp.head import CtPModel, box_iou, ctp_loss, decode_boxes, encode_boxes
 from mmtk.ctp.proxy import ProxyTaskConfig
 from mmtk.ctp.transforms import denormalize
@@ -252,6 +252,7 @@ def run(context: RunContext) -> dict[str, Any]:
         )
 
     cache_path = recipe.data.cache if recipe.data.cache is not None else context.run.file("clip-cache.h5")
+    check_cache_path(cache_path)
     cache_short_side = max(recipe.clips.short_sides)
     records = data.train_records + ([] if data.eval_records is data.train_records else data.eval_records)
 

@@ -133,3 +133,28 @@ def test_evaluate_rejects_batch_larger_than_train_split(tmp_path, cli, ucf_datas
     assert result.exit_code == 2, result.output
     assert "finetune.train.batch_size=5" in result.output
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "text file"])
+def test_pretrain_rejects_cache_path_that_is_not_a_cache(tmp_path, cli, video_folder, kind):
+    cache = tmp_path / "cache.h5"
+    if kind == "folder":
+        cache.mkdir()
+    else:
+        cache.write_text("notes that must survive\n")
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_PRETRAIN, root=video_folder, cache=cache)
+    result = cli("ctp-pretrain", recipe, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "data.cache" in result.output
+    assert not out.exists()
+    if kind == "text file":
+        assert cache.read_text() == "notes that must survive\n"
+
+
+def test_evaluate_rejects_cache_path_that_is_a_folder(tmp_path, cli, ucf_dataset):
+    (tmp_path / "cache-test.h5").mkdir()
+    result = _evaluate(cli, tmp_path, ucf_dataset, "inits=[random]", f"data.cache={tmp_path / 'cache.h5'}")
+    assert result.exit_code == 2, result.output
+    assert "is a folder" in result.output
+    assert not (tmp_path / "eval").exists()
