@@ -52,6 +52,8 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
     state = load_checkpoint(path, expected_tool=TOOL)
     if state.get("format") != MODEL_FORMAT or "model" not in state:
         raise InputError(f"{path} is a {TOOL} file but not its final model.pt (format {state.get('format')!r}); pass the model.pt of a finished run.")
+    if "mmar_config" not in state:
+        raise InputError(f"{path} is a {TOOL} training checkpoint, not its final model.pt; pass the model.pt in the run folder.")
     try:
         model = MMAR(config_from_mapping(state["mmar_config"]))
         lora = state["lora"]

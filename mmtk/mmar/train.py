@@ -158,14 +158,27 @@ def load_autoencoder(section) -> Any:
     return model.eval()
 
 
-def build_latent_cache(recipe: MMARRecipe, autoencoder, records, path: Path) -> Path:
-    """Encode every photo (centre crop at the recipe resolution) and write the latent cache."""
-    from mmtk.mmar.data import encode_images, square_image, write_latent_cache
-    from mmtk.mmar.kl_autoencoder import estimate_scale_factor
+def read_centre_crops(records, resolution: int) -> torch.Tensor:
+    """Decode every photo, reject those below ``resolution`` px, and centre-crop them; returns (M, 3, R, R) in [-1, 1].
+
+    Raises InputError for an unreadable or too small photo, so that a rejected run writes nothing.
+    """
+    from mmtk.mmar.data import check_image_size, square_image
     from mmtk.nn.image import load_image
 
-    resolution = recipe.autoencoder.resolution
-    images = torch.stack([square_image(load_image(r.path), resolution) for r in records])  # (M, 3, R, R)
+    crops = []
+    for record in records:
+        image = load_image(record.path)  # (3, H, W) uint8
+        check_image_size(image, resolution, str(record.path))
+        crops.append(square_image(image, resolution))
+    return torch.stack(crops)  # (M, 3, R, R)
+
+
+def build_latent_cache(autoencoder, records, images: torch.Tensor, resolution: int, path: Path) -> Path:
+    """Encode the centre crops ``images`` (M, 3, R, R) of ``records`` and write the latent cache."""
+    from mmtk.mmar.data import encode_images, write_latent_cache
+    from mmtk.mmar.kl_autoencoder import estimate_scale_factor
+
     started = time.perf_counter()
     moments, moments_flipped = encode_images(autoencoder, images)
     if not autoencoder.scale_factor:
@@ -280,6 +293,11 @@ def run(context) -> dict[str, Any]:
         cache = read_latent_cache(recipe.data.latent_cache)
         if len(cache.names) != len(ordered) or cache.resolution != recipe.autoencoder.resolution:
             raise InputError(f"latent cache {recipe.data.latent_cache} contains {len(cache.names)} images at {cache.resolution} px, but the recipe has {len(ordered)} images at {recipe.autoencoder.resolution} px; set data.latent_cache: null to rebuild it.")
+        if cache.image_ids != [r.image_id for r in ordered] or cache.names != [r.path.name for r in ordered]:
+            raise InputError(f"latent cache {recipe.data.latent_cache} contains other photos than {recipe.data.images} (image ids or file names differ); set data.latent_cache: null to rebuild it.")
+        crops = None
+    else:
+        crops = read_centre_crops(ordered, recipe.autoencoder.resolution)
     tokenizer = load_base_tokenizer(recipe.text.tokenizer)
     train_captions = [c for i in train_rows for c in ordered[i].captions]
     if recipe.text.compact_vocab:
@@ -288,7 +306,7 @@ def run(context) -> dict[str, Any]:
         vocabulary = CaptionVocabulary(tokenizer, None, recipe.text.max_tokens)
 
     context.start()
-    cache_path = recipe.data.latent_cache or build_latent_cache(recipe, autoencoder, ordered, context.run.file("latents.h5"))
+    cache_path = recipe.data.latent_cache or build_latent_cache(autoencoder, ordered, crops, recipe.autoencoder.resolution, context.run.file("latents.h5"))
     cache = read_latent_cache(cache_path)
     if recipe.autoencoder.scale_factor is None:
         autoencoder.scale_factor = cache.scale_factor

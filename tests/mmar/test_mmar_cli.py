@@ -204,6 +204,65 @@ def test_train_rejects_missing_captions_file(trained, cli, tmp_path):
     assert not out.exists()
 
 
+def photo_folder(coco: Path, folder: Path, count: int = 6) -> tuple[Path, Path]:
+    """Copy the first ``count`` coco-mini photos with their caption lines into ``folder``; returns (folder, path of the third photo)."""
+    lines = (coco / "captions.jsonl").read_text().splitlines()[:count]
+    (folder / "images").mkdir(parents=True)
+    for line in lines:
+        name = json.loads(line)["file"]
+        (folder / name).write_bytes((coco / name).read_bytes())
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder, folder / json.loads(lines[2])["file"]
+
+
+def test_train_rejects_truncated_photo(trained, cli, tmp_path):
+    folder, photo = photo_folder(trained["coco"], tmp_path / "photos")
+    photo.write_bytes(photo.read_bytes()[:2000])
+    out = tmp_path / "bad"
+    result = cli("train-mmar", "small", "--out", out, f"data.images={folder}", *tiny_mmar(trained["autoencoder"], trained["tokenizer"]))
+    assert result.exit_code == 2
+    assert f"cannot decode image file {photo}" in flat(result.output)
+    assert not out.exists()
+
+
+def test_train_rejects_photo_smaller_than_resolution(trained, cli, tmp_path):
+    from PIL import Image
+
+    folder, photo = photo_folder(trained["coco"], tmp_path / "photos")
+    Image.fromarray(np.zeros((16, 20, 3), dtype=np.uint8)).save(photo, format="JPEG")
+    out = tmp_path / "bad"
+    result = cli("train-mmar", "small", "--out", out, f"data.images={folder}", *tiny_mmar(trained["autoencoder"], trained["tokenizer"]))
+    assert result.exit_code == 2
+    assert f"image {photo} is 20x16 px, smaller than the model's 32x32 input" in flat(result.output)
+    assert not out.exists()
+
+
+def test_train_rejects_foreign_latent_cache(trained, cli, tmp_path):
+    # Same photo count as the cache, other image ids: the cached latents would pair with the wrong captions.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "images").symlink_to(trained["coco"] / "images")
+    rows = [json.loads(line) for line in (trained["coco"] / "captions.jsonl").read_text().splitlines()]
+    (folder / "captions.jsonl").write_text("".join(json.dumps({**row, "image_id": row["image_id"] + 1}) + "\n" for row in rows))
+    out = tmp_path / "bad"
+    args = tiny_mmar(trained["autoencoder"], trained["tokenizer"]) + [f"data.latent_cache={trained['run'] / 'latents.h5'}"]
+    result = cli("train-mmar", "small", "--out", out, f"data.images={folder}", *args)
+    assert result.exit_code == 2
+    assert "contains other photos than" in flat(result.output)
+    assert not out.exists()
+
+
+def test_generate_rejects_training_checkpoint(trained, cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A cat.\n")
+    out = tmp_path / "gen"
+    checkpoint = trained["run"] / "checkpoints" / "ckpt-000000002.pt"
+    result = cli("mmar-generate", "default", "--out", out, f"checkpoint={checkpoint}", f"captions={prompts}")
+    assert result.exit_code == 2
+    assert "training checkpoint, not its final model.pt" in flat(result.output)
+    assert not out.exists()
+
+
 def test_resume_matches_uninterrupted_run(trained, cli, tmp_path):
     args = tiny_mmar(trained["autoencoder"], trained["tokenizer"]) + [f"data.images={trained['coco']}", f"data.latent_cache={trained['run'] / 'latents.h5'}", "sample.num_images=0", "sample.num_captions=0"]
     full = tmp_path / "full"
