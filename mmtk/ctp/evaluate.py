@@ -72,6 +72,10 @@ class ProbeConfig:
     recall_at: list[int] = param(default_factory=lambda: [1, 5, 10], help="k values of Recall@k")
     batch_size: int = param(4, min=1, help="videos per forward pass when extracting features")
 
+    def __post_init__(self) -> None:
+        if not self.recall_at or min(self.recall_at) < 1:
+            raise ValueError(f"'recall_at' must list positive k values, got {self.recall_at}")
+
 
 @dataclass
 class EvaluateRecipe:
@@ -112,6 +116,9 @@ def load_pretrained_backbone(path: Path) -> tuple[BackboneConfig, dict[str, torc
         config = build(BackboneConfig, state["backbone"], "backbone")
     except InputError as exc:
         raise InputError(f"{path} describes an invalid backbone: {exc}") from exc
+    for key, value in state["state_dict"].items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InputError(f"{path}: weight {key!r} contains NaN or infinite values, so the pretraining run diverged. Pass the backbone.pt of a run that finished with finite losses.")
     try:
         make_backbone(config, state["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -288,8 +288,10 @@ def read_hmdb51_split(root: Path, split_dir: Path, subset: str, split: int = 1) 
         list_path = lists[class_name]
         for number, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), start=1):
             parts = line.split()
-            if len(parts) != 2:
+            if not parts:
                 continue
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise DataError(f"{list_path} line {number}: expected '<video file> <mark>' with mark 0, 1 or 2, got {line!r}.")
             if parts[1] != mark:
                 continue
             path = root / class_name / parts[0]

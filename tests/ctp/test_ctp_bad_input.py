@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmtk.core.errors import DataError
-from mmtk.ctp.video import encode_video, probe_video, read_ucf101_classes, read_ucf101_split
+from mmtk.ctp.video import encode_video, probe_video, read_hmdb51_split, read_ucf101_classes, read_ucf101_split
 
 from .conftest import FRAMES, moving_texture
 from .test_ctp_cli import TINY_EVALUATE, TINY_PRETRAIN, write_recipe
@@ -157,4 +157,31 @@ def test_evaluate_rejects_cache_path_that_is_a_folder(tmp_path, cli, ucf_dataset
     result = _evaluate(cli, tmp_path, ucf_dataset, "inits=[random]", f"data.cache={tmp_path / 'cache.h5'}")
     assert result.exit_code == 2, result.output
     assert "is a folder" in result.output
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("line", ["v_Drift_g00.mp4", "v_Drift_g00.mp4 3", "v_Drift_g00.mp4 1 extra"])
+def test_hmdb51_split_rejects_malformed_line(tmp_path, ucf_dataset, line):
+    root, _ = ucf_dataset
+    (tmp_path / "Drift_test_split1.txt").write_text(f"v_Drift_g01.mp4 1\n{line}\n")
+    with pytest.raises(DataError, match="line 2"):
+        read_hmdb51_split(root, tmp_path, "train")
+
+
+def test_evaluate_rejects_non_finite_weights(tmp_path, cli, ucf_dataset, backbone_file):
+    state = torch.load(backbone_file, weights_only=True)
+    key = next(iter(state["state_dict"]))
+    state["state_dict"][key].fill_(float("nan"))
+    edited = tmp_path / "backbone.pt"
+    torch.save(state, edited)
+    result = _evaluate(cli, tmp_path, ucf_dataset, f"checkpoint={edited}")
+    assert result.exit_code == 2, result.output
+    assert key in result.output
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_rejects_recall_at_zero(tmp_path, cli, ucf_dataset):
+    result = _evaluate(cli, tmp_path, ucf_dataset, "inits=[random]", "probe.recall_at=[0,1]")
+    assert result.exit_code == 2, result.output
+    assert "recall_at" in result.output
     assert not (tmp_path / "eval").exists()
