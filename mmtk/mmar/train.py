@@ -289,15 +289,22 @@ def run(context) -> dict[str, Any]:
     if len(train_rows) < recipe.train.batch_size:
         raise RecipeError(f"only {len(train_rows)} training images, fewer than train.batch_size={recipe.train.batch_size}; lower the batch size.")
     autoencoder = load_autoencoder(recipe.autoencoder)
+    latent_side = recipe.autoencoder.resolution // autoencoder.config.downsample_factor
+    image_tokens = (latent_side // recipe.autoencoder.patch_size) ** 2
+    if recipe.sample.iterations > image_tokens:
+        raise RecipeError(f"recipe key 'sample.iterations': {recipe.sample.iterations} exceeds the {image_tokens} image tokens; lower it.")
     if recipe.data.latent_cache is not None:
         cache = read_latent_cache(recipe.data.latent_cache)
         if len(cache.names) != len(ordered) or cache.resolution != recipe.autoencoder.resolution:
             raise InputError(f"latent cache {recipe.data.latent_cache} contains {len(cache.names)} images at {cache.resolution} px, but the recipe has {len(ordered)} images at {recipe.autoencoder.resolution} px; set data.latent_cache: null to rebuild it.")
         if cache.image_ids != [r.image_id for r in ordered] or cache.names != [r.path.name for r in ordered]:
             raise InputError(f"latent cache {recipe.data.latent_cache} contains other photos than {recipe.data.images} (image ids or file names differ); set data.latent_cache: null to rebuild it.")
+        expected = (2 * autoencoder.config.embed_dim, latent_side, latent_side)  # (2C, h, w)
+        if tuple(cache.moments.shape[1:]) != expected:
+            raise InputError(f"latent cache {recipe.data.latent_cache} has moments of shape {tuple(cache.moments.shape[1:])} per image, but the autoencoder gives {expected}; the cache comes from another autoencoder, so set data.latent_cache: null to rebuild it.")
         crops = None
     else:
-        crops = read_centre_crops(ordered, recipe.autoencoder.resolution)
+        crops = read_centre_crops(ordered, recipe.autoencoder.resolution)  # (M, 3, R, R)
     tokenizer = load_base_tokenizer(recipe.text.tokenizer)
     train_captions = [c for i in train_rows for c in ordered[i].captions]
     if recipe.text.compact_vocab:
@@ -315,8 +322,6 @@ def run(context) -> dict[str, Any]:
     patch = recipe.autoencoder.patch_size
     token_dim = latent_shape[0] * patch * patch
     num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
-    if recipe.sample.iterations > num_tokens:
-        raise RecipeError(f"recipe key 'sample.iterations': {recipe.sample.iterations} exceeds the {num_tokens} image tokens; lower it.")
 
     captions = [[vocabulary.encode(c) for c in ordered[i].captions] for i in train_rows]
     dataset = CaptionedLatents(cache, train_rows, captions, recipe.data.flip)

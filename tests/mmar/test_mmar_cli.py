@@ -252,6 +252,31 @@ def test_train_rejects_foreign_latent_cache(trained, cli, tmp_path):
     assert not out.exists()
 
 
+def test_train_rejects_cache_of_other_autoencoder(trained, cli, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmtk_commands.main import app
+
+    wide = tmp_path / "ae8"
+    result = CliRunner().invoke(app, ["train-kl-autoencoder", "small", "--out", str(wide), f"data.images={trained['coco']}", *TINY_AUTOENCODER, "model.embed_dim=8"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "bad"
+    args = tiny_mmar(wide / "autoencoder.pt", trained["tokenizer"]) + [f"data.latent_cache={trained['run'] / 'latents.h5'}"]
+    result = cli("train-mmar", "small", "--out", out, f"data.images={trained['coco']}", *args)
+    assert result.exit_code == 2
+    assert "the cache comes from another autoencoder" in flat(result.output)
+    assert not out.exists()
+
+
+def test_train_rejects_iterations_above_tokens(trained, cli, tmp_path):
+    out = tmp_path / "bad"
+    args = tiny_mmar(trained["autoencoder"], trained["tokenizer"]) + [f"data.latent_cache={trained['run'] / 'latents.h5'}", "sample.iterations=17"]
+    result = cli("train-mmar", "small", "--out", out, f"data.images={trained['coco']}", *args)
+    assert result.exit_code == 2
+    assert "17 exceeds the 16 image tokens" in flat(result.output)
+    assert not out.exists()
+
+
 def test_generate_rejects_training_checkpoint(trained, cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("A cat.\n")
