@@ -182,13 +182,16 @@ class CaptionRecipe:
     temperature: float = param(0.0, min=0.0, help="0: greedy captions, else the sampling temperature")
 
 
+SAMPLING_KEYS = ("iterations", "steps", "cfg", "cfg_schedule", "temperature", "eta")
+
+
 def _resolved_sample(recipe: GenerateRecipe, stored: dict[str, Any]):
     from types import SimpleNamespace
 
     from mmtk.mmar.recipe import MMARSample
 
     values = {**vars(MMARSample()), **stored}
-    for key in ("iterations", "steps", "cfg", "cfg_schedule", "temperature", "eta"):
+    for key in SAMPLING_KEYS:
         if getattr(recipe, key) is not None:
             values[key] = getattr(recipe, key)
     return SimpleNamespace(**values)
@@ -217,7 +220,7 @@ def run_generate(context) -> dict[str, Any]:
     context.start()
     generator = torch.Generator().manual_seed(recipe.seed)
     result = generate_and_save(loaded, prompts, sample, context.run.path, generator)
-    return {"generated": result, "settings": vars(sample)}
+    return {"generated": result, "settings": {key: getattr(sample, key) for key in SAMPLING_KEYS}}
 
 
 def run_caption(context) -> dict[str, Any]:

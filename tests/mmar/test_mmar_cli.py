@@ -134,6 +134,17 @@ def test_generate_command_from_checkpoint(trained, cli, tmp_path):
     assert (out / "generated.txt").read_text().splitlines() == ["0: A dog on a beach.", "1: Two pizzas on a plate."]
 
 
+def test_generate_summary_lists_used_settings(trained, cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A dog on a beach.\n")
+    out = tmp_path / "gen"
+    result = cli("mmar-generate", "default", "--out", out, f"checkpoint={trained['run'] / 'model.pt'}", f"captions={prompts}", "steps=3", "iterations=2", "cfg=2.0")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generated"]["count"] == 1
+    assert summary["settings"] == {"iterations": 2, "steps": 3, "cfg": 2.0, "cfg_schedule": "linear", "temperature": 1.0, "eta": 1.0}
+
+
 def test_caption_command_from_checkpoint(trained, cli, tmp_path):
     photo = sorted((trained["coco"] / "images").glob("*.jpg"))[0]
     out = tmp_path / "cap"
