@@ -52,12 +52,18 @@ def read_coco_mini(folder: str | Path) -> list[CaptionedImage]:
     index = folder / "captions.jsonl"
     if not index.is_file():
         raise DataError(f"caption index not found: {index}. Point data.images at a folder with captions.jsonl and images/.")
+    try:
+        text = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read caption index {index} ({exc}); write it as UTF-8 JSON lines.") from exc
     records = []
-    for number, line in enumerate(index.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not isinstance(row.get("captions"), list):
+                raise TypeError("'file' must be a string and 'captions' a list of strings")
             path = folder / row["file"]
             captions = [str(c).strip() for c in row["captions"] if str(c).strip()]
             image_id = int(row.get("image_id", -1))
