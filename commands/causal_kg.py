@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
     @app.command("download-frcsub")
     def download_frcsub(
         destination: Annotated[Path, typer.Argument(help="Folder to write data.txt, q.txt and skills.csv into.")],
-        url: Annotated[Optional[str], typer.Option("--url", help="Base URL ending in '/' that holds data.txt and q.txt [default: the AGCDM GitHub copy].")] = None,
+        url: Annotated[Optional[str], typer.Option("--url", help="Base URL of the folder that holds data.txt and q.txt [default: the AGCDM GitHub copy].")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Overwrite existing files whose content differs (for example an edited skills.csv).")] = False,
         verbose: VerboseOpt = 0,
         quiet: QuietOpt = False,
     ) -> None:
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
         options = run_options(None, False, None, None, verbose, quiet)
 
         def body() -> dict:
-            files = download(destination, url or FRCSUB_BASE_URL)
+            files = download(destination, url or FRCSUB_BASE_URL, force=force)
             return {"files": [str(f) for f in files]}
 
         finish(run_command(body, options))

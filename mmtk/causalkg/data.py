@@ -245,6 +245,8 @@ def load_response_data(
     ``responses`` may be a folder in the FrcSub layout. ``skill_names``
     overrides the names from ``skills`` or the HDF5 file.
     """
+    if not responses.exists():
+        raise DataError(f"responses not found: {responses}. Check data.responses; it names a response file or a folder with data.txt and q.txt.")
     if responses.is_dir():
         folder = responses
         responses = folder / "data.txt"
@@ -305,13 +307,21 @@ def download_frcsub(
     destination: Path,
     base_url: str = FRCSUB_BASE_URL,
     fetch: Callable[[str], bytes] = _fetch_bytes,
+    force: bool = False,
 ) -> list[Path]:
     """Download FrcSub's ``data.txt`` and ``q.txt`` into ``destination`` and write ``skills.csv``.
 
     Each file is checked against its SHA-256 before it is renamed into place,
-    so a mismatch leaves no file behind and raises DataError. Returns the
-    written paths.
+    so a mismatch leaves no file behind and raises DataError. An existing
+    file whose content differs from the one to write (an edited
+    ``skills.csv``, say) is kept and InputError raised, unless ``force``.
+    Returns the written paths.
     """
+    if destination.exists() and not destination.is_dir():
+        raise InputError(f"download destination {destination} is a file, not a folder. Pass a folder path.")
+    if not base_url.endswith("/"):
+        base_url += "/"
+
     payloads: dict[str, bytes] = {}
     for name, expected in FRCSUB_SHA256.items():
         url = base_url + name
@@ -325,17 +335,19 @@ def download_frcsub(
             raise DataError(f"checksum mismatch for {url}: SHA-256 {digest}, expected {expected}. The file was not saved.")
         payloads[name] = payload
 
-    # Both files passed their check before the folder or either file is written.
+    table = "name,skill,description\n" + "".join(f'{name},{k + 1},"{text}"\n' for k, (name, text) in enumerate(FRCSUB_SKILLS))
+    payloads["skills.csv"] = table.encode("utf-8")
+    if not force:
+        changed = [name for name, payload in payloads.items() if (destination / name).is_file() and (destination / name).read_bytes() != payload]
+        if changed:
+            raise InputError(f"{', '.join(str(destination / n) for n in changed)} already exist(s) with other content; nothing was written. Pass --force to overwrite.")
+
+    # Every file passed its check before the folder or any file is written.
     destination.mkdir(parents=True, exist_ok=True)
     written = []
     for name, payload in payloads.items():
         with atomic_path(destination / name) as tmp:
             tmp.write_bytes(payload)
         written.append(destination / name)
-
-    table = "name,skill,description\n" + "".join(f'{name},{k + 1},"{text}"\n' for k, (name, text) in enumerate(FRCSUB_SKILLS))
-    with atomic_path(destination / "skills.csv") as tmp:
-        tmp.write_text(table, encoding="utf-8")
-    written.append(destination / "skills.csv")
     log.info("FrcSub saved in %s", destination)
     return written

@@ -72,8 +72,9 @@ def load_students(recipe: RecommendRecipe, network: CausalKnowledgeNetwork) -> t
         if unknown:
             raise InputError(f"student.mastery names unknown skill(s) {', '.join(unknown)}; the network's skills are {', '.join(skills)}.")
         values = [section.mastery.get(s, 0.0) for s in skills]
-        if any(not 0.0 <= v <= 1.0 for v in values):
-            raise InputError("student.mastery values must be probabilities between 0 and 1.")
+        bad = [f"{s}={v!r}" for s, v in zip(skills, values) if not 0.0 <= v <= 1.0]
+        if bad:
+            raise InputError(f"student.mastery values must be probabilities between 0 and 1; got {', '.join(bad)}.")
         return [section.name], np.array([values])
     if section.file_kind == "mastery":
         return _read_mastery_csv(section.file, skills)

@@ -69,8 +69,8 @@ class BuildRecipe:
 @dataclass
 class StudentSection:
     name: str = param("student", help="label of the single student in the output")
-    responses: list[Optional[int]] = param(default_factory=list, help="one student's 0/1 responses in item order (null = missing)")
-    mastery: dict[str, float] = param(default_factory=dict, help="one student's P(mastered) per skill; unlisted skills count as 0")
+    responses: Optional[list[Optional[int]]] = param(None, help="one student's 0/1 responses in item order (null inside the list = missing; null = not given)")
+    mastery: Optional[dict[str, float]] = param(None, help="one student's P(mastered) per skill; unlisted skills count as 0 (null = not given)")
     file: Optional[Path] = param(None, help="file of students: a response matrix (text, .csv, .h5) or, with file_kind=mastery, a CSV whose header names the skills")
     file_kind: Literal["responses", "mastery"] = param("responses", help="what the rows of 'file' contain")
 

@@ -93,7 +93,8 @@ def check_constraints(settings: StructureSettings, variables: list[str]) -> None
     required_graph = nx.DiGraph([tuple(e) for e in settings.required])
     if not nx.is_directed_acyclic_graph(required_graph):
         cycle = nx.find_cycle(required_graph)
-        raise InputError(f"required edges form a cycle: {' -> '.join(u for u, _ in cycle)}. Remove one of them.")
+        names = [u for u, _ in cycle] + [cycle[0][0]]
+        raise InputError(f"required edges form a cycle: {' -> '.join(names)}. Remove one of them.")
 
 
 def enforce_constraints(edges: Iterable[Edge], settings: StructureSettings, variables: list[str]) -> list[Edge]:

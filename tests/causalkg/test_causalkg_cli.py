@@ -144,3 +144,20 @@ def test_download_command_with_file_url(cli, shared_data, tmp_path):
     result = cli("download-frcsub", destination, "--url", (shared_data / "frcsub").as_uri() + "/", "-q")
     assert result.exit_code == 0, result.output
     assert (destination / "q.txt").read_bytes() == (shared_data / "frcsub" / "q.txt").read_bytes()
+
+
+def test_recommend_switches_student_source_with_null(cli, frcsub_network, tmp_path):
+    out = tmp_path / "path"
+    result = cli("recommend-path", "frcsub", f"network={frcsub_network}", "student.responses=null", "student.mastery={K1: 1.0}", "evaluate.enabled=false", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    paths = json.loads((out / "paths.json").read_text())
+    assert paths["students"][0]["mastery"]["K1"] == 1.0
+    assert paths["students"][0]["mastery"]["K2"] == 0.0
+
+
+def test_recommend_names_out_of_range_mastery(cli, frcsub_network, tmp_path):
+    out = tmp_path / "path"
+    result = cli("recommend-path", "frcsub", f"network={frcsub_network}", "student.responses=null", "student.mastery={K1: 1.5}", "--out", out)
+    assert result.exit_code == 2
+    assert "K1=1.5" in result.output
+    assert not out.exists()
