@@ -127,46 +127,111 @@ class CausalKnowledgeNetwork:
 def draw_network(network: CausalKnowledgeNetwork, path: Path, title: str = "") -> Path:
     """Draw the network for a teacher: prerequisites to the left, arrows labelled with effect and bootstrap frequency.
 
-    Node colour is the share of students who master the skill, arrow width
-    grows with the effect, and a legend lists the skill descriptions.
-    Written as PNG or SVG by the suffix of ``path``.
+    Node colour is the share of students who master the skill (with a colour
+    bar), arrow width grows with the effect, and a legend lists the skill
+    descriptions. Written as PNG or SVG by the suffix of ``path``, cropped to
+    its content.
     """
+    import matplotlib.pyplot as plt
+
+    figure, _, _ = network_figure(network, title)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight", pad_inches=0.15)
+    plt.close(figure)
+    return path
+
+
+# Layout units: one layer step to the right, one rank step down, in inches of the figure.
+LAYER_STEP = 2.2
+RANK_STEP = 1.5
+
+
+def network_figure(network: CausalKnowledgeNetwork, title: str = ""):
+    """Return (figure, node texts, edge-label texts) of the drawn network; see :func:`draw_network`.
+
+    Nodes are rounded boxes sized to their names, so long names stay inside;
+    edge labels sit on their arrow in a white box, moved along the arrow when
+    they would cover a node or another label.
+    """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     graph = network.graph()
     positions = _layered_layout(graph)
-    names = network.skill_names
     described = [s for s in network.skills if s.get("description")]
-    n_layers = 1 + max(nx.get_node_attributes(graph, "layer").values(), default=0)
-    figure, axes = plt.subplots(figsize=(max(7.0, 1.6 * n_layers), 5.5 + 0.2 * len(described)))
-
-    rates = {s["name"]: s.get("mastery_rate", 0.5) for s in network.skills}
-    widths = [1.0 + 5.0 * abs(graph.edges[e].get("effect", 0.0)) for e in graph.edges]
-    # Curved arrows keep an edge that skips a layer visible behind the nodes it passes.
-    style = "arc3,rad=0.25"
-    nx.draw_networkx_nodes(graph, positions, nodelist=names, node_color=[rates[n] for n in names], cmap="YlGn", vmin=0, vmax=1, node_size=1500, edgecolors="black", ax=axes)
-    nx.draw_networkx_labels(graph, positions, font_size=9, ax=axes)
-    nx.draw_networkx_edges(graph, positions, width=widths, arrowsize=16, node_size=1500, edge_color="#4a4a4a", connectionstyle=style, ax=axes)
-    labels = {e: f"{graph.edges[e]['effect']:+.2f} ({100 * graph.edges[e]['frequency']:.0f}%)" for e in graph.edges}
-    nx.draw_networkx_edge_labels(graph, positions, edge_labels=labels, font_size=7, connectionstyle=style, bbox={"boxstyle": "round", "fc": "white", "ec": "none", "alpha": 0.8}, ax=axes)
-
-    axes.set_title(title or "Causal knowledge network\narrow: prerequisite -> skill; label: causal effect (ACE) and bootstrap frequency; colour: share of students with mastery", fontsize=9)
+    xs = [x for x, _ in positions.values()] or [0.0]
+    ys = [y for _, y in positions.values()] or [0.0]
+    width = max(6.0, max(xs) - min(xs) + 2.5)
+    height = max(2.5, max(ys) - min(ys) + 1.6)
+    figure = plt.figure(figsize=(width + 1.2, height))
+    axes = figure.add_axes((0.0, 0.0, width / (width + 1.2), 1.0))
+    axes.set_xlim(min(xs) - 1.25, max(xs) + 1.25)
+    axes.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
     axes.axis("off")
-    heights = [y for _, y in positions.values()] or [0.0]
-    axes.set_ylim(min(heights) - 1.2, max(heights) + 1.2)
-    axes.set_xlim(-0.6, n_layers - 0.4)
-    if described:
-        legend = "\n".join(f"{s['name']}: {s['description']}" for s in described)
-        figure.text(0.01, 0.01, legend, fontsize=8, va="bottom", ha="left", family="monospace")
-        figure.subplots_adjust(bottom=min(0.45, 0.05 + 0.035 * len(described)))
 
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
-    plt.close(figure)
-    return path
+    colours = plt.get_cmap("YlGn")
+    norm = Normalize(0.0, 1.0)
+    rates = {s["name"]: s.get("mastery_rate", 0.5) for s in network.skills}
+    nodes = {}
+    for name, (x, y) in positions.items():
+        rate = rates.get(name, 0.5)
+        nodes[name] = axes.text(
+            x, y, name, ha="center", va="center", fontsize=9, zorder=3,
+            color="white" if rate > 0.65 else "black",
+            bbox={"boxstyle": "round,pad=0.5", "fc": colours(norm(rate)), "ec": "black"},
+        )
+
+    # Arrows are clipped at the node boxes; a slight curve keeps an edge that skips a layer off the nodes it passes.
+    rad = 0.15
+    for parent, child in graph.edges:
+        line_width = 1.0 + 4.0 * abs(graph.edges[parent, child].get("effect", 0.0))
+        axes.annotate(
+            "", xy=positions[child], xytext=positions[parent], zorder=2,
+            arrowprops={"arrowstyle": "-|>,head_length=0.8,head_width=0.4", "mutation_scale": 8 + 2 * line_width, "lw": line_width, "color": "#4a4a4a",
+                        "patchA": nodes[parent].get_bbox_patch(), "patchB": nodes[child].get_bbox_patch(),
+                        "shrinkA": 2, "shrinkB": 2, "connectionstyle": f"arc3,rad={rad}"},
+        )
+
+    labels = {}
+    taken = [(x, y, 0.45, 0.3) for x, y in positions.values()]  # (centre x, centre y, half width, half height)
+    for parent, child in sorted(graph.edges):
+        data = graph.edges[parent, child]
+        text = f"{data['effect']:+.2f} ({100 * data['frequency']:.0f}%)"
+        (x1, y1), (x2, y2) = positions[parent], positions[child]
+        control = ((x1 + x2) / 2 + rad * (y2 - y1), (y1 + y2) / 2 - rad * (x2 - x1))
+        candidates = []
+        for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.45, 0.55, 0.35, 0.65):
+            # Point at parameter t on the quadratic Bezier curve that arc3 draws.
+            x = (1 - t) ** 2 * x1 + 2 * (1 - t) * t * control[0] + t**2 * x2
+            y = (1 - t) ** 2 * y1 + 2 * (1 - t) * t * control[1] + t**2 * y2
+            overlap = sum(max(0.0, hw + 0.45 - abs(x - bx)) * max(0.0, hh + 0.14 - abs(y - by)) for bx, by, hw, hh in taken)
+            candidates.append((overlap, (x, y, 0.45, 0.14)))
+            if overlap == 0.0:
+                break
+        spot = min(candidates, key=lambda c: c[0])[1]
+        taken.append(spot)
+        labels[parent, child] = axes.text(spot[0], spot[1], text, ha="center", va="center", fontsize=7, zorder=4, bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "#9a9a9a", "alpha": 0.95})
+
+    bar = figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axes, fraction=0.03, pad=0.01, shrink=0.8)
+    bar.set_label("share of students with mastery", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+    heading = title or "Causal knowledge network"
+    subtitle = "arrow: prerequisite -> skill; label: causal effect (ACE) and bootstrap frequency; colour: share of students with mastery"
+    wrap = max(40, int(width * 11))
+    # One draw places the node boxes, so the arrows are clipped at their final outlines.
+    figure.canvas.draw()
+    axes.set_title(heading + "\n" + "\n".join(textwrap.wrap(subtitle, wrap)), fontsize=9)
+    if described:
+        lines = [textwrap.fill(f"{s['name']}: {s['description']}", max(50, int(width * 13)), subsequent_indent="    ") for s in described]
+        axes.text(0.0, -0.02, "\n".join(lines), transform=axes.transAxes, fontsize=8, va="top", ha="left", family="monospace")
+    return figure, nodes, labels
 
 
 def _layered_layout(graph: nx.DiGraph) -> dict[str, tuple[float, float]]:
@@ -177,9 +242,12 @@ def _layered_layout(graph: nx.DiGraph) -> dict[str, tuple[float, float]]:
     layers: dict[int, list[str]] = {}
     for node in sorted(graph.nodes):
         layers.setdefault(graph.nodes[node]["layer"], []).append(node)
-    positions = {}
-    for layer, nodes in layers.items():
+    positions: dict[str, tuple[float, float]] = {}
+    for layer in sorted(layers):
+        # Within a layer, order by the mean height of the parents, which reduces crossings.
+        nodes = sorted(layers[layer], key=lambda n: (sum(positions[p][1] for p in graph.predecessors(n)) / max(1, graph.in_degree(n)), n))
         for rank, node in enumerate(nodes):
-            # Alternate layers are shifted so that straight runs through a chain do not line up.
-            positions[node] = (float(layer), 1.6 * (rank - (len(nodes) - 1) / 2) + (0.4 if layer % 2 else -0.4))
+            # Alternate layers are shifted by a third of a rank so that straight runs through a chain do not line up.
+            offset = RANK_STEP / 3 if layer % 2 else 0.0
+            positions[node] = (LAYER_STEP * layer, -RANK_STEP * (rank - (len(nodes) - 1) / 2) + offset)
     return positions
