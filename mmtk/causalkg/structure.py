@@ -9,13 +9,14 @@ afterwards, so they hold for GES too.
 Bootstrap: each resample draws students with replacement (resample r uses
 ``numpy.random.default_rng([seed, r])``) and relearns the structure. Resamples
 run in worker processes started by ``fork``, so the workers share the
-parent's string-hash seed and hill climbing breaks ties as it would in one
-process.
+parent's string-hash seed. Hill climbing sorts its candidate operations, so
+its ties do not depend on that seed; PC and GES may.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import os
 import signal
@@ -122,7 +123,7 @@ def enforce_constraints(edges: Iterable[Edge], settings: StructureSettings, vari
 
 def learn_structure(data: pd.DataFrame, settings: StructureSettings) -> list[Edge]:
     """Learn one DAG over the columns of ``data`` (discrete, categorical dtype)."""
-    from pgmpy.causal_discovery import GES, PC, ExpertKnowledge, HillClimbSearch
+    from pgmpy.causal_discovery import GES, PC, ExpertKnowledge
 
     variables = list(data.columns)
     forbidden = settings.all_forbidden()
@@ -130,7 +131,7 @@ def learn_structure(data: pd.DataFrame, settings: StructureSettings) -> list[Edg
     knowledge = ExpertKnowledge(forbidden_edges=forbidden, required_edges=required) if forbidden or required else None
 
     if settings.algorithm == "hill-climb":
-        learner = HillClimbSearch(scoring_method=SCORES[settings.score], max_indegree=settings.max_indegree, expert_knowledge=knowledge, return_type="dag", show_progress=False)
+        learner = sorted_hill_climb()(scoring_method=SCORES[settings.score], max_indegree=settings.max_indegree, expert_knowledge=knowledge, return_type="dag", show_progress=False)
     elif settings.algorithm == "pc":
         learner = PC(ci_test=settings.ci_test, significance_level=settings.significance_level, expert_knowledge=knowledge, enforce_expert_knowledge=knowledge is not None, return_type="dag", n_jobs=1, show_progress=False)
     elif settings.algorithm == "ges":
@@ -142,6 +143,25 @@ def learn_structure(data: pd.DataFrame, settings: StructureSettings) -> list[Edg
     learner.fit(data)
     edges = [(str(u), str(v)) for u, v in learner.causal_graph_.edges()]
     return enforce_constraints(edges, settings, variables)
+
+
+@functools.lru_cache(maxsize=None)
+def sorted_hill_climb() -> type:
+    """Return pgmpy's HillClimbSearch with its candidate operations sorted by name.
+
+    pgmpy takes the first operation with the best score change, and builds
+    the candidates from Python sets, so ties were broken in string-hash
+    order and the graph depended on ``PYTHONHASHSEED``. Sorted candidates
+    break ties by operation and edge names instead.
+    """
+    from pgmpy.causal_discovery import HillClimbSearch
+
+    class SortedHillClimbSearch(HillClimbSearch):
+        def _legal_operations_dag(self, *args, **kwargs):
+            operations = super()._legal_operations_dag(*args, **kwargs)
+            return iter(sorted(operations, key=lambda item: (item[0][0], tuple(map(str, item[0][1])))))
+
+    return SortedHillClimbSearch
 
 
 def as_categorical(values: np.ndarray, columns: list[str], states: list[Any] | dict[str, list[Any]] | None = None) -> pd.DataFrame:

@@ -116,3 +116,29 @@ def test_parallel_bootstrap_equals_sequential(arithmetic_profiles):
     parallel = bootstrap_structures(values, ARITHMETIC_SKILLS, StructureSettings(), n_resamples=4, seed=1, n_workers=2)
     assert parallel.directed_counts == sequential.directed_counts
     assert max(sequential.directed_counts.values()) <= 4
+
+
+TIED_SCRIPT = """
+import numpy as np
+from mmtk.causalkg.effects import quiet_pgmpy
+from mmtk.causalkg.structure import StructureSettings, as_categorical, learn_structure
+rng = np.random.default_rng(0)
+base, other = rng.integers(0, 2, size=200), rng.integers(0, 2, size=200)
+# Three exact copies of each column, so every orientation within a group scores the same.
+values = np.stack([base, base, base, other, other, other], axis=1)
+quiet_pgmpy()
+print(learn_structure(as_categorical(values, ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]), StructureSettings()))
+"""
+
+
+def test_hill_climb_ignores_hash_seed():
+    import os
+    import subprocess
+    import sys
+
+    graphs = []
+    for hash_seed in ("0", "1", "2"):
+        result = subprocess.run([sys.executable, "-c", TIED_SCRIPT], env={**os.environ, "PYTHONHASHSEED": hash_seed}, capture_output=True, text=True, timeout=120, check=True)
+        graphs.append(result.stdout.strip().splitlines()[-1])
+    assert graphs[0] == graphs[1] == graphs[2]
+    assert graphs[0] == "[('alpha', 'beta'), ('alpha', 'gamma'), ('delta', 'epsilon'), ('delta', 'zeta')]"
