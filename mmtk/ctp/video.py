@@ -371,7 +371,7 @@ def build_clip_cache(target: str | Path, records: Sequence[VideoRecord], short_s
     """Decode every record once, resize its short side to ``short_side`` and store it in one HDF5 file.
 
     Schema ``mmtk.ctp.clip_cache/1``: dataset ``videos/<index>`` ``uint8``
-    [T, H, W, 3] chunked per frame, with attributes ``name`` (record name),
+    [T, H, W, 3] chunked per frame with Fletcher-32 checksums, with attributes ``name`` (record name),
     ``source`` (file path), ``stamp`` (size:mtime of the source) and
     ``short_side``. The file is written atomically.
     """
@@ -388,7 +388,8 @@ def build_clip_cache(target: str | Path, records: Sequence[VideoRecord], short_s
             group = handle.create_group("videos")
             for index, record in enumerate(records):
                 frames = decode_video(record.path, short_side=short_side)  # [T, H, W, 3]
-                dataset = group.create_dataset(str(index), data=frames, chunks=(1, *frames.shape[1:]))
+                # Fletcher-32 checksums make a read of a damaged chunk fail instead of returning wrong pixels.
+                dataset = group.create_dataset(str(index), data=frames, chunks=(1, *frames.shape[1:]), fletcher32=True)
                 dataset.attrs["name"] = record.name
                 dataset.attrs["source"] = str(record.path)
                 dataset.attrs["stamp"] = _source_stamp(record.path)
@@ -412,7 +413,10 @@ def cache_matches(path: str | Path, records: Sequence[VideoRecord], short_side: 
             if len(group) != len(records):
                 return False
             for index, record in enumerate(records):
-                attrs = group[str(index)].attrs
+                dataset = group[str(index)]
+                if not dataset.fletcher32:
+                    return False  # written before caches carried checksums
+                attrs = dataset.attrs
                 if attrs.get("source") != str(record.path) or attrs.get("stamp") != _source_stamp(record.path):
                     return False
     except (OSError, KeyError):
@@ -453,7 +457,10 @@ class ClipCache:
         """Read frames (any order, repeats allowed) of video ``index``; ``uint8`` [T, H, W, 3]."""
         dataset = self._videos()[str(index)]
         unique, inverse = np.unique(frame_indices, return_inverse=True)
-        block = dataset[unique]  # h5py needs increasing indices
+        try:
+            block = dataset[unique]  # h5py needs increasing indices
+        except OSError as exc:
+            raise DataError(f"clip cache {self.path} is damaged: reading video {index} failed ({exc}). Delete the file so that the next run rebuilds it.") from exc
         return block[inverse]
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,24 @@ def test_evaluate_rejects_recall_at_zero(tmp_path, cli, ucf_dataset):
     assert result.exit_code == 2, result.output
     assert "recall_at" in result.output
     assert not (tmp_path / "eval").exists()
+
+
+def test_clip_cache_read_detects_damaged_chunk(tmp_path, video_folder):
+    import h5py
+
+    from mmtk.ctp.video import ClipCache, build_clip_cache, list_video_folder
+
+    path = build_clip_cache(tmp_path / "cache.h5", list_video_folder(video_folder)[:1], short_side=32)
+    with h5py.File(path, "r") as handle:
+        chunk = handle["videos/0"].id.get_chunk_info(3)
+    with open(path, "r+b") as stream:
+        stream.seek(chunk.byte_offset + 100)
+        stream.write(bytes(200))  # zeros over pixels of frame 3
+
+    cache = ClipCache(path)
+    try:
+        assert cache.read(0, np.array([0, 1])).shape[0] == 2  # undamaged chunks still read
+        with pytest.raises(DataError, match="damaged"):
+            cache.read(0, np.array([2, 3]))
+    finally:
+        cache.close()
