@@ -100,6 +100,8 @@ def autoencoder_config(section: AutoencoderSection, resolution: int):
 
     if section.preset == "ldm-kl16":
         return ldm_kl16_config()
+    if not section.channel_mult or min(section.channel_mult) < 1:
+        raise RecipeError(f"recipe key 'model.channel_mult': {section.channel_mult} must list at least one positive multiplier, e.g. [1, 2, 2, 4].")
     config = AutoencoderConfig(
         channels=section.channels, channel_mult=list(section.channel_mult), num_res_blocks=section.num_res_blocks,
         attn_resolutions=list(section.attn_resolutions), z_channels=section.embed_dim, embed_dim=section.embed_dim,
@@ -224,6 +226,8 @@ def run(context) -> dict[str, Any]:
     if recipe.data.resolution % config.downsample_factor:
         raise RecipeError(f"recipe key 'data.resolution': {recipe.data.resolution} px is not a multiple of the downsampling factor {config.downsample_factor}.")
     train_photos, heldout_photos = load_photos(recipe.data)
+    if not train_photos:
+        raise RecipeError(f"no training photos: data.heldout_every={recipe.data.heldout_every} holds out every photo of {recipe.data.images} and data.skimage_photos is off; raise heldout_every or set it to 0.")
     heldout = torch.stack([square_image(p, recipe.data.resolution) for p in heldout_photos]) if heldout_photos else torch.zeros(0, 3, recipe.data.resolution, recipe.data.resolution)
     task = AutoencoderTask(recipe, train_photos, heldout)
     trainer = Trainer(task, recipe.train, context.run, seed=recipe.seed, device=recipe.device, console=context.console)

@@ -82,6 +82,22 @@ def test_autoencoder_run_writes_scale_factor(trained):
     assert (trained["root"] / "ae" / "reconstructions.png").is_file()
 
 
+def test_autoencoder_rejects_empty_channel_mult(shared_data, cli, tmp_path):
+    out = tmp_path / "bad"
+    result = cli("train-kl-autoencoder", "small", "--out", out, f"data.images={shared_data / 'coco-mini'}", *TINY_AUTOENCODER, "model.channel_mult=[]")
+    assert result.exit_code == 2
+    assert "'model.channel_mult': [] must list at least one positive multiplier" in flat(result.output)
+    assert not out.exists()
+
+
+def test_autoencoder_rejects_all_photos_held_out(shared_data, cli, tmp_path):
+    out = tmp_path / "bad"
+    result = cli("train-kl-autoencoder", "small", "--out", out, f"data.images={shared_data / 'coco-mini'}", *TINY_AUTOENCODER, "data.heldout_every=1")
+    assert result.exit_code == 2
+    assert "no training photos" in flat(result.output)
+    assert not out.exists()
+
+
 def test_train_mmar_writes_results(trained):
     run = trained["run"]
     summary = trained["summary"]
