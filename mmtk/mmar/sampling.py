@@ -40,6 +40,23 @@ class LoadedMMAR:
     sample: dict[str, Any] = field(default_factory=dict)
 
 
+def non_finite_tensor(value: Any, name: str = "") -> str | None:
+    """Return the dotted name of the first floating tensor in nested mappings or lists that holds NaN or infinity, else None."""
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite_tensor(item, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMAR:
     """Load ``model.pt`` written by ``mmtk train-mmar``; raises InputError for a missing, foreign or broken file."""
     from mmtk.core.checkpoint import load_checkpoint
@@ -52,6 +69,10 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
     state = load_checkpoint(path, expected_tool=TOOL)
     if state.get("format") != MODEL_FORMAT or "model" not in state:
         raise InputError(f"{path} is a {TOOL} file but not its final model.pt (format {state.get('format')!r}); pass the model.pt of a finished run.")
+    for section in ("model", "lora", "autoencoder"):
+        bad = non_finite_tensor(state.get(section))
+        if bad is not None:
+            raise InputError(f"{path}: tensor '{section}.{bad}' contains NaN or infinite values, so the model cannot sample; retrain or use an earlier checkpoint.")
     if "mmar_config" not in state:
         raise InputError(f"{path} is a {TOOL} training checkpoint, not its final model.pt; pass the model.pt in the run folder.")
     try:

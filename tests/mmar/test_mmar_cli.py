@@ -304,6 +304,21 @@ def test_train_rejects_iterations_above_tokens(trained, cli, tmp_path):
     assert not out.exists()
 
 
+def test_generate_rejects_nan_weights(trained, cli, tmp_path):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name][...] = float("nan")
+    checkpoint = tmp_path / "model.pt"
+    torch.save(state, checkpoint)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A cat.\n")
+    out = tmp_path / "gen"
+    result = cli("mmar-generate", "default", "--out", out, f"checkpoint={checkpoint}", f"captions={prompts}", "steps=2", "iterations=2")
+    assert result.exit_code == 2
+    assert f"tensor 'model.{name}' contains NaN or infinite values" in flat(result.output)
+    assert not out.exists()
+
+
 def test_generate_rejects_training_checkpoint(trained, cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("A cat.\n")
