@@ -41,7 +41,7 @@ class LoadedMMAR:
 
 
 def non_finite_tensor(value: Any, name: str = "") -> str | None:
-    """Return the dotted name of the first floating tensor in nested mappings or lists that holds NaN or infinity, else None."""
+    """Return the dotted name of the first floating tensor in nested mappings or lists that contains NaN or infinity, else None."""
     if isinstance(value, torch.Tensor):
         return name if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
     if isinstance(value, dict):
