@@ -39,7 +39,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", expected_tool: 
         raise InputError(f"checkpoint not found: {path}.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+    except (OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise InputError(f"cannot load checkpoint {path} (corrupt, truncated or not an mmtk checkpoint): {exc}") from exc
     if not isinstance(state, dict):
         raise InputError(f"checkpoint {path} does not contain a state mapping, so it is not an mmtk checkpoint.")

@@ -106,6 +106,8 @@ class RunDir:
         self._check_reusable()
 
     def _check_reusable(self) -> None:
+        if not self.writer:
+            return  # rank 0 checks; other ranks would see the folder it has just created
         for parent in [self.path, *self.path.parents]:
             if parent.exists() and not parent.is_dir():
                 raise InputError(f"--out {self.path}: {parent} is a file, not a folder. Choose a folder path.")

@@ -38,6 +38,7 @@ Minimal use inside a tool's ``main(context)``::
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -306,6 +307,15 @@ class StepBatchSampler:
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.grad_accum
+
+
+def _shut_down_workers(batches: Iterator[Any]) -> None:
+    # Loader workers ignore SIGTERM, so leaving them to the interpreter's exit
+    # handler (which terminates with SIGTERM, then joins) would hang the
+    # process after an error. Shut them down through their queues instead.
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -650,6 +660,8 @@ class Trainer:
     def _progress(self) -> Any:
         if not (self.config.progress and self.dist.is_main):
             return None
+        if not log.isEnabledFor(logging.INFO):
+            return None  # -q: warnings and errors only
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -706,12 +718,42 @@ class Trainer:
             c.steps, start_step, c.batch_size, self.dist.world_size, c.grad_accum, self.micro_batch_size, self.device,
             "bf16 autocast" if self.autocast_dtype is not None else "float32",
         )
-        record: dict[str, Any] = {}
-        eval_result: dict[str, float] | None = None
+        self._record: dict[str, Any] = {}
         started = time.perf_counter()
         self.model.train()
 
         progress = self._progress()
+        try:
+            self._train_steps(batches, progress, dataset, start_step)
+        finally:
+            _shut_down_workers(batches)
+
+        # A resumed run that had already finished evaluates again without adding a duplicate record.
+        eval_result = self._evaluate(write=self.step > start_step)
+        if self._last_checkpoint_step != self.step:
+            self.save()
+        elapsed = time.perf_counter() - started
+        trained = self.step - start_step
+        log.info("training finished at step %d (%d steps in %.1f s)", self.step, trained, elapsed)
+        return {
+            "steps": self.step,
+            "start_step": start_step,
+            "loss": self._record.get("loss"),
+            "metrics": self._record,
+            "eval": eval_result,
+            "checkpoint": self._last_checkpoint,
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "precision": "bf16" if self.autocast_dtype is not None else "fp32",
+            "elapsed_s": round(elapsed, 3),
+            "samples_per_s": round(trained * c.batch_size / elapsed, 3) if elapsed > 0 else None,
+        }
+
+    def _train_steps(self, batches: Iterator[Any], progress: Any, dataset: Dataset, start_step: int) -> None:
+        """Run optimizer steps up to ``config.steps``, logging, evaluating and checkpointing on schedule."""
+        c = self.config
+        assert self.schedule is not None
+        assert self.optimizer is not None
         with StopFlag() as stop, (progress if progress is not None else contextlib.nullcontext()):
             bar = progress.add_task("train", total=c.steps, completed=start_step, status="") if progress is not None else None
             while self.step < c.steps:
@@ -732,16 +774,16 @@ class Trainer:
                 self._accumulate(step_values)
 
                 if self.step % c.log_every == 0 or self.step == c.steps:
-                    record = self._flush_window(c.lr * factor, len(dataset))  # type: ignore[arg-type]
+                    self._record = self._flush_window(c.lr * factor, len(dataset))  # type: ignore[arg-type]
                     if progress is not None:
-                        progress.update(bar, status=f"loss {record['loss']:.4g}")
+                        progress.update(bar, status=f"loss {self._record['loss']:.4g}")
                     if self.dist.is_main and (progress is None or not progress.console.is_terminal):
-                        log.info("step %d/%d: %s", self.step, c.steps, ", ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "step"))
+                        log.info("step %d/%d: %s", self.step, c.steps, ", ".join(f"{k}={v:.5g}" for k, v in self._record.items() if k != "step"))
                 if progress is not None:
                     progress.update(bar, completed=self.step)
 
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
-                    eval_result = self._evaluate()
+                    self._evaluate()
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
                     self.save()
 
@@ -749,23 +791,3 @@ class Trainer:
                     path = self.save() if self._last_checkpoint_step != self.step else self._last_checkpoint
                     raise StopRequested(f"stopped on {stop.signal_name or 'a signal on another rank'} at step {self.step}; checkpoint {path}. Continue with --resume.")
 
-        # A resumed run that had already finished evaluates again without adding a duplicate record.
-        eval_result = self._evaluate(write=self.step > start_step)
-        if self._last_checkpoint_step != self.step:
-            self.save()
-        elapsed = time.perf_counter() - started
-        trained = self.step - start_step
-        log.info("training finished at step %d (%d steps in %.1f s)", self.step, trained, elapsed)
-        return {
-            "steps": self.step,
-            "start_step": start_step,
-            "loss": record.get("loss"),
-            "metrics": record,
-            "eval": eval_result,
-            "checkpoint": self._last_checkpoint,
-            "world_size": self.dist.world_size,
-            "device": str(self.device),
-            "precision": "bf16" if self.autocast_dtype is not None else "fp32",
-            "elapsed_s": round(elapsed, 3),
-            "samples_per_s": round(trained * c.batch_size / elapsed, 3) if elapsed > 0 else None,
-        }

@@ -153,3 +153,47 @@ def test_two_process_resume_is_bit_exact(tmp_path):
     for key, value in full["ema"]["shadow"].items():
         assert torch.equal(value, cut["ema"]["shadow"][key]), key
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+
+
+_BROKEN_WORKER_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[2])
+import trainer_tasks as tasks
+from mmtk.core.recipe import apply_overrides, build
+from mmtk.core.rundir import RunDir
+from mmtk.core.trainer import Trainer
+
+
+class BrokenSamples(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        if index % 7 == 3:
+            raise ValueError("broken sample")
+        return self.base[index]
+
+
+class BrokenTask(tasks.TinyTask):
+    def train_dataset(self):
+        return BrokenSamples(super().train_dataset())
+
+
+recipe = build(tasks.TinyRecipe, apply_overrides({}, ["train.num_workers=1"]))
+run = RunDir(sys.argv[1], "tiny")
+trainer = Trainer(BrokenTask(recipe), recipe.train, run, seed=0, device="cpu")
+run.start(recipe)
+trainer.fit()
+"""
+
+
+def test_failing_loader_worker_does_not_hang(tmp_path):
+    # Workers ignore SIGTERM, so a process that left them to the exit handler hung for good.
+    command = [sys.executable, "-c", _BROKEN_WORKER_SCRIPT, str(tmp_path / "run"), str(_TASKS_PATH.parent)]
+    result = subprocess.run(command, env=_environment(), capture_output=True, timeout=120)
+    assert result.returncode == 1
+    assert b"broken sample" in result.stderr
