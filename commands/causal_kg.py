@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
     @app.command("download-frcsub")
     def download_frcsub(
         destination: Annotated[Path, typer.Argument(help="Folder to write data.txt, q.txt and skills.csv into.")],
-        url: Annotated[Optional[str], typer.Option("--url", help="Base URL of the folder that holds data.txt and q.txt [default: the AGCDM GitHub copy].")] = None,
+        url: Annotated[Optional[str], typer.Option("--url", help="Base URL of the folder that contains data.txt and q.txt (default: the AGCDM GitHub copy).")] = None,
         force: Annotated[bool, typer.Option("--force", help="Overwrite existing files whose content differs (for example an edited skills.csv).")] = False,
         verbose: VerboseOpt = 0,
         quiet: QuietOpt = False,

@@ -43,7 +43,7 @@ class RunOptions:
 
 @dataclass
 class RunContext:
-    """What a tool's entry point receives."""
+    """Recipe, run folder, options and console passed to a tool's entry point."""
 
     tool: str
     recipe: Any

@@ -506,7 +506,7 @@ class Trainer:
         model_state, optimizer_state = self._model_and_optimizer_state()
         ema_state = self.ema.state_dict() if self.ema is not None else None
         rng_states = distributed.all_gather_object(capture_rng_state())
-        # Each rank's metric window holds its own sums until the next all-reduce, so every window is kept.
+        # Each rank's metric window contains its own sums until the next all-reduce, so every window is kept.
         windows = distributed.all_gather_object({"sums": {k: v.detach().cpu() for k, v in self._window.items()}, "steps": self._window_steps})
         path = checkpoint_path(self.run.checkpoints, self.step)
         if self.dist.is_main:

@@ -86,7 +86,7 @@ class DiffusionHead(nn.Module):
     head outputs exactly 0 until it is trained.
 
     TODO: MAR's head also outputs a learned variance (2 x D outputs, trained
-    with a variational-bound term); this head outputs D values and the
+    with a variational-bound term). This head outputs D values, so the
     sampler uses the fixed posterior variance.
     """
 

@@ -13,7 +13,8 @@ def test_missing_responses_folder_is_reported_as_not_found(cli, tmp_path):
     out = tmp_path / "run"
     result = cli("build-causal-kg", "frcsub", f"data.responses={tmp_path / 'nonexistent' / 'folder'}", "--out", out)
     assert result.exit_code == 2
-    assert "not found" in result.output and "nonexistent" in result.output
+    assert "not found" in result.output
+    assert "nonexistent" in result.output
     assert "no Q-matrix" not in result.output
     assert not out.exists()
 
@@ -56,7 +57,8 @@ def test_download_keeps_edited_skills_file_unless_forced(cli, frcsub_copy, tmp_p
 
     result = cli("download-frcsub", destination, "--url", frcsub_copy)
     assert result.exit_code == 2
-    assert "skills.csv" in result.output and "--force" in result.output
+    assert "skills.csv" in result.output
+    assert "--force" in result.output
     assert (destination / "skills.csv").read_text() == edited
 
     result = cli("download-frcsub", destination, "--url", frcsub_copy, "--force", "-q")

@@ -42,12 +42,14 @@ def test_nodes_and_labels_do_not_overlap(edges):
     # Every name fits inside its node box.
     for name, text in nodes.items():
         inner = text.get_window_extent(renderer)
-        assert node_boxes[name].x0 <= inner.x0 and inner.x1 <= node_boxes[name].x1, name
+        assert node_boxes[name].x0 <= inner.x0, name
+        assert inner.x1 <= node_boxes[name].x1, name
 
     # A colour bar beside the graph, and the title inside the figure.
     assert len(figure.axes) == 2
     title = figure.axes[0].title.get_window_extent(renderer)
-    assert 0 <= title.x0 and title.x1 <= figure.bbox.x1
+    assert title.x0 >= 0
+    assert title.x1 <= figure.bbox.x1
     plt.close(figure)
 
 
@@ -65,7 +67,10 @@ def test_saved_image_contains_every_text(tmp_path):
     assert len(texts) == 8 + len(FRCSUB_EDGES) + 3  # nodes, edge labels, legend, title, colour bar label
     for text in texts:
         extent = text.get_window_extent(renderer).transformed(figure.dpi_scale_trans.inverted())
-        assert tight.x0 - 1e-6 <= extent.x0 and extent.x1 <= tight.x1 + 1e-6 and tight.y0 - 1e-6 <= extent.y0 and extent.y1 <= tight.y1 + 1e-6, text.get_text()
+        assert extent.x0 >= tight.x0 - 1e-6, text.get_text()
+        assert extent.x1 <= tight.x1 + 1e-6, text.get_text()
+        assert extent.y0 >= tight.y0 - 1e-6, text.get_text()
+        assert extent.y1 <= tight.y1 + 1e-6, text.get_text()
     width, height = Image.open(path).size
     assert width == pytest.approx((tight.width + 0.3) * 110, abs=3)
     plt.close(figure)

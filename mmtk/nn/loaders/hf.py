@@ -152,7 +152,7 @@ def weight_files(folder: Path) -> list[Path]:
     if others:
         return others
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise InputError(f"{folder} holds only pickle weights (.bin/.pt), which mmtk does not load for safety; convert them to safetensors.")
+        raise InputError(f"{folder} contains only pickle weights (.bin/.pt), which mmtk does not load for safety; convert them to safetensors.")
     raise InputError(f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json with its shards.")
 
 
