@@ -14,6 +14,8 @@ from mmtk.core.trainer import TrainConfig
 class MMARData:
     """Captioned photos and how they become training samples."""
 
+    source: Literal["coco-mini", "shapes"] = param("coco-mini", help="coco-mini: the photos in data.images; shapes: synthetic coloured shapes drawn from the seed (no data folder)")
+    num_images: int = param(2000, min=1, help="synthetic images drawn when data.source is shapes")
     images: Path = param(Path("../shared/data/coco-mini"), help="folder with captions.jsonl and images/ (coco-mini layout)")
     heldout_every: int = param(10, min=0, help="every n-th image in image-id order is held out for generation prompts and captioning (0: none)")
     latent_cache: Optional[Path] = param(None, help="an existing latent cache (HDF5) to reuse; null encodes the photos into latents.h5 in the run folder")
@@ -26,6 +28,7 @@ class MMARData:
 class MMARAutoencoder:
     """The frozen image tokenizer."""
 
+    kind: Literal["kl", "pixels"] = param("kl", help="kl: a KL autoencoder; pixels: raw p x p x 3 pixel patches scaled to unit std")
     checkpoint: Optional[Path] = param(None, help="autoencoder.pt written by mmtk train-kl-autoencoder")
     weights: Optional[Path] = param(None, help="local LDM KL-16 weights (.ckpt or .safetensors); used when checkpoint is null")
     resolution: int = param(64, min=8, help="image size in px (256 for LDM KL-16)")
@@ -152,5 +155,5 @@ class MMARRecipe:
             previous = stage.until_step
         if not self.stages or previous < self.train.steps:
             raise ValueError(f"the stages end at step {previous} but train.steps is {self.train.steps}; extend the last stage's until_step")
-        if self.autoencoder.checkpoint is None and self.autoencoder.weights is None:
+        if self.autoencoder.kind == "kl" and self.autoencoder.checkpoint is None and self.autoencoder.weights is None:
             raise ValueError("set autoencoder.checkpoint (from mmtk train-kl-autoencoder) or autoencoder.weights (LDM KL-16)")
