@@ -37,10 +37,11 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         verbose: VerboseOpt = 0,
         quiet: QuietOpt = False,
+        resume: ResumeOpt = False,
     ) -> None:
         """Evaluate a pretrained (or random) video backbone: fine-tuning, linear probe and clip retrieval."""
         from mmtk.core.runner import run_tool
-        from mmtk.ctp.evaluate import TOOL, EvaluateRecipe, run
+        from mmtk.ctp.evaluate import RESUMABLE_KEYS, TOOL, EvaluateRecipe, run
 
-        options = run_options(out, json, seed, device, verbose, quiet)
-        finish(run_tool(TOOL, EvaluateRecipe, recipe, list(overrides or []), options, run))
+        options = run_options(out, json, seed, device, verbose, quiet, resume)
+        finish(run_tool(TOOL, EvaluateRecipe, recipe, list(overrides or []), options, run, resumable_keys=RESUMABLE_KEYS))

@@ -17,10 +17,21 @@ architecture, freshly initialised), so the two can be compared in one run.
   same-class video among the top k.
 
 Accuracies at k >= the number of classes are 1 by construction.
+
+Run-folder files besides the core's: ``results/<init>-<protocol>.json``
+(the metrics of each finished protocol), ``features-<init>.h5`` (schema
+``mmtk.ctp.features/1``: the frozen backbone's L2-normalised features
+``train_features`` [N_train, C] and ``test_features`` [N_test, C] in
+float64, with ``train_labels`` and ``test_labels`` int64), ``finetune-<init>/``
+(the fine-tuning run with its checkpoints) and the clip caches. With
+``--resume`` a finished protocol is read back from ``results/`` instead of
+being recomputed, stored features are reused, and an interrupted
+fine-tuning run continues from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -32,8 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtk.core import distributed
-from mmtk.core.checkpoint import load_checkpoint
+from mmtk.core.checkpoint import latest_checkpoint, load_checkpoint
 from mmtk.core.errors import InputError
+from mmtk.core.hdf5 import DatasetSpec, read_datasets, write_datasets
+from mmtk.core.io import write_json
 from mmtk.core.logging import get_logger
 from mmtk.core.recipe import build, param
 from mmtk.core.rundir import RunDir
@@ -49,6 +62,12 @@ from mmtk.ctp.video import ClipCache
 log = get_logger(__name__)
 
 TOOL = "ctp-evaluate"
+FEATURES_SCHEMA = "mmtk.ctp.features/1"
+
+# Recipe keys that may change on --resume besides the core's run-length keys:
+# each (init, protocol) result is computed independently of the others, so
+# adding or dropping one leaves the stored results valid.
+RESUMABLE_KEYS = frozenset({"inits", "protocols"})
 
 
 def _finetune_train_config() -> TrainConfig:
@@ -238,16 +257,21 @@ def multi_clip_outputs(model: ClipClassifier, dataset: LabelledClips, batch_size
 
 @dataclass
 class EvaluationData:
-    """Validated input: records of both splits, class names and where the videos are."""
+    """Validated input: records of both splits, class names, the data section used and whether it is the smoke set."""
 
     train_records: list
     test_records: list
     classes: list[str]
+    config: VideoDataConfig
     smoke: bool
 
 
 def prepare_data(recipe: EvaluateRecipe, smoke_root: Path) -> EvaluationData:
-    """List and probe the labelled videos; for ``data.root=null`` build the smoke data set under ``smoke_root``."""
+    """List and probe the labelled videos; for ``data.root=null`` build the smoke data set under ``smoke_root``.
+
+    The recipe is left unchanged, so the stored recipe keeps ``data.root:
+    null`` and a resumed run compares equal to it.
+    """
     config = recipe.data
     smoke = config.root is None
     if smoke:
@@ -255,19 +279,40 @@ def prepare_data(recipe: EvaluateRecipe, smoke_root: Path) -> EvaluationData:
 
         video_root, split_root = build_smoke_dataset(smoke_root)
         config = VideoDataConfig(root=video_root, layout="ucf101", splits=split_root, split=1, cache=config.cache)
-        recipe.data = config
+    return _read_data(config, recipe.view.num_frames, smoke)
+
+
+def _read_data(config: VideoDataConfig, span: int, smoke: bool) -> EvaluationData:
     if config.layout == "folder":
         raise InputError("ctp-evaluate needs labelled videos: set data.layout to ucf101 or hmdb51 and data.splits to the split lists.")
-    span = recipe.view.num_frames
     train_records, classes = read_records(config, config.root, "train")
     test_records, _ = read_records(config, config.root, "test")
     probe_records(train_records, span)
     probe_records(test_records, span)
-    return EvaluationData(train_records, test_records, classes, smoke)
+    return EvaluationData(train_records, test_records, classes, config, smoke)
+
+
+def _install_smoke_data(run: RunDir, staged: Path, recipe: EvaluateRecipe) -> EvaluationData:
+    """Move the staged smoke data set into the run folder (or reuse the one a resumed run has) and read it there."""
+    final = run.file("smoke-data")
+    if not final.is_dir():
+        # Copy under a temporary name, then rename, so a crash never leaves a half-copied data set to reuse.
+        partial = run.file("smoke-data.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.move(str(staged), partial)
+        partial.rename(final)
+    else:
+        log.info("reusing the smoke data set in %s", final)
+    config = VideoDataConfig(root=final / "videos", layout="ucf101", splits=final / "splits", split=1, cache=recipe.data.cache)
+    return _read_data(config, recipe.view.num_frames, smoke=True)
 
 
 def run(context: RunContext) -> dict[str, Any]:
-    """Validate, then run each protocol for each initialisation and write the summary."""
+    """Validate, then run each protocol for each initialisation and write the summary.
+
+    With ``--resume`` the protocols already stored in ``results/`` are read
+    back, and the others are computed.
+    """
     recipe: EvaluateRecipe = context.recipe
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
@@ -288,20 +333,14 @@ def run(context: RunContext) -> dict[str, Any]:
             check_cache_path(_sibling(recipe.data.cache, "test"))
         context.start()
         if data.smoke:
-            final = context.run.file("smoke-data")
-            shutil.move(str(staging / "smoke-data"), final)
-            recipe.data = VideoDataConfig(root=final / "videos", layout="ucf101", splits=final / "splits", split=1, cache=recipe.data.cache)
-            data = prepare_data(recipe, final)
-            data.smoke = True
+            data = _install_smoke_data(context.run, staging / "smoke-data", recipe)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
     cache_dir = context.run.path
     train_cache = open_cache(recipe.data.cache or cache_dir / "clip-cache-train.h5", data.train_records, recipe.view.cache_short_side)
     test_cache = open_cache(_sibling(recipe.data.cache, "test") if recipe.data.cache else cache_dir / "clip-cache-test.h5", data.test_records, recipe.view.cache_short_side)
-    train_labels = [r.label for r in data.train_records]
-    test_labels = [r.label for r in data.test_records]
-    num_classes = len(data.classes)
+    splits = _Splits(train_cache, test_cache, [r.label for r in data.train_records], [r.label for r in data.test_records], len(data.classes))
     device = distributed.resolve_device(recipe.device)
 
     results: dict[str, dict[str, Any]] = {}
@@ -309,12 +348,12 @@ def run(context: RunContext) -> dict[str, Any]:
         state_dict = pretrained[1] if init == "pretrained" and pretrained is not None else None
         results[init] = {}
         if "linear_probe" in recipe.protocols or "retrieval" in recipe.protocols:
-            results[init].update(_frozen_protocols(recipe, backbone_config, state_dict, train_cache, test_cache, train_labels, test_labels, num_classes, device))
+            results[init].update(_frozen_protocols(context, recipe, init, backbone_config, state_dict, splits, device))
         if "finetune" in recipe.protocols:
-            results[init]["finetune"] = _finetune(context, recipe, init, backbone_config, state_dict, train_cache, test_cache, train_labels, test_labels, num_classes, device)
+            results[init]["finetune"] = _finetune(context, recipe, init, backbone_config, state_dict, splits, device)
 
     summary = {
-        "classes": num_classes,
+        "classes": splits.num_classes,
         "train_videos": len(data.train_records),
         "test_videos": len(data.test_records),
         "smoke_data_set": data.smoke,
@@ -330,32 +369,124 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(f"{path.stem}-{suffix}{path.suffix}")
 
 
-def _frozen_protocols(recipe, backbone_config, state_dict, train_cache: ClipCache, test_cache: ClipCache, train_labels, test_labels, num_classes, device) -> dict[str, Any]:
+@dataclass
+class _Splits:
+    """Clip caches and labels of the train and test splits."""
+
+    train_cache: ClipCache
+    test_cache: ClipCache
+    train_labels: list[int]
+    test_labels: list[int]
+    num_classes: int
+
+
+# ------------------------------------------------------- stored results
+
+
+def _result_path(run: RunDir, init: str, protocol: str) -> Path:
+    return run.file(f"results/{init}-{protocol}.json")
+
+
+def load_result(run: RunDir, init: str, protocol: str, steps: int | None = None) -> dict[str, Any] | None:
+    """Return the stored metrics of a finished protocol, or None when a resumed run must compute them.
+
+    Only a resumed run reads stored results. A fine-tuning result counts as
+    finished only when it was trained for ``steps`` optimizer steps, so a
+    resume that raises ``finetune.train.steps`` continues the training.
+    """
+    path = _result_path(run, init, protocol)
+    if not run.resume or not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("stored result %s is unreadable (%s); computing %s for %s again", path, exc, protocol, init)
+        return None
+    metrics = stored.get("metrics")
+    if not isinstance(metrics, dict):
+        log.warning("stored result %s contains no metrics; computing %s for %s again", path, protocol, init)
+        return None
+    if steps is not None and metrics.get("steps") != steps:
+        log.info("stored %s result for %s is at step %s, the recipe sets train.steps=%d; continuing the training", protocol, init, metrics.get("steps"), steps)
+        return None
+    log.info("reusing the stored %s result for %s from %s", protocol, init, path)
+    return metrics
+
+
+def store_result(run: RunDir, init: str, protocol: str, metrics: dict[str, Any]) -> None:
+    """Write the metrics of a finished protocol to ``results/<init>-<protocol>.json`` (rank 0 only, atomic)."""
+    if run.writer:
+        write_json(_result_path(run, init, protocol), {"init": init, "protocol": protocol, "metrics": metrics})
+
+
+_FEATURE_SPECS = {
+    "train_features": DatasetSpec(("n_train", "channels"), "f"),
+    "test_features": DatasetSpec(("n_test", "channels"), "f"),
+    "train_labels": DatasetSpec(("n_train",), "i"),
+    "test_labels": DatasetSpec(("n_test",), "i"),
+}
+
+
+def _frozen_features(context, recipe, init, backbone_config, state_dict, splits: _Splits, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return L2-normalised float64 features and labels of both splits: ([N_train, C], [N_train], [N_test, C], [N_test]).
+
+    A resumed run reads them from ``features-<init>.h5`` when present;
+    otherwise they are extracted and stored there.
+    """
+    path = context.run.file(f"features-{init}.h5")
+    if context.run.resume and path.is_file():
+        arrays, _ = read_datasets(path, _FEATURE_SPECS, schema=FEATURES_SCHEMA)
+        log.info("reusing the stored %s features from %s", init, path)
+        tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        return tensors["train_features"], tensors["train_labels"], tensors["test_features"], tensors["test_labels"]
+
     seed_everything(recipe.seed)
-    model = ClipClassifier(make_backbone(backbone_config, state_dict), num_classes, 0.0).to(device)
-    _, train_features, train_y = multi_clip_outputs(model, LabelledClips(train_cache, train_labels, recipe.view, "test"), recipe.probe.batch_size, device)
-    _, test_features, test_y = multi_clip_outputs(model, LabelledClips(test_cache, test_labels, recipe.view, "test"), recipe.probe.batch_size, device)
+    model = ClipClassifier(make_backbone(backbone_config, state_dict), splits.num_classes, 0.0).to(device)
+    _, train_features, train_y = multi_clip_outputs(model, LabelledClips(splits.train_cache, splits.train_labels, recipe.view, "test"), recipe.probe.batch_size, device)
+    _, test_features, test_y = multi_clip_outputs(model, LabelledClips(splits.test_cache, splits.test_labels, recipe.view, "test"), recipe.probe.batch_size, device)
     train_features = F.normalize(train_features.double(), dim=1)
     test_features = F.normalize(test_features.double(), dim=1)
+    if context.run.writer:
+        datasets = {"train_features": train_features.numpy(), "test_features": test_features.numpy(), "train_labels": train_y.numpy(), "test_labels": test_y.numpy()}
+        write_datasets(path, datasets, schema=FEATURES_SCHEMA, attrs={"init": init})
+    return train_features, train_y, test_features, test_y
 
+
+def _frozen_protocols(context, recipe, init, backbone_config, state_dict, splits: _Splits, device) -> dict[str, Any]:
+    requested = [protocol for protocol in ("linear_probe", "retrieval") if protocol in recipe.protocols]
     output: dict[str, Any] = {}
-    if "linear_probe" in recipe.protocols:
-        classifier = fit_logistic_regression(train_features, train_y, num_classes, recipe.probe.l2, recipe.probe.max_iter)
+    for protocol in requested:
+        stored = load_result(context.run, init, protocol)
+        if stored is not None:
+            output[protocol] = stored
+    if len(output) == len(requested):
+        return output
+
+    train_features, train_y, test_features, test_y = _frozen_features(context, recipe, init, backbone_config, state_dict, splits, device)
+    if "linear_probe" in requested and "linear_probe" not in output:
+        log.info("linear probe for %s started", init)
+        classifier = fit_logistic_regression(train_features, train_y, splits.num_classes, recipe.probe.l2, recipe.probe.max_iter)
         with torch.no_grad():
             scores = classifier(test_features)
         output["linear_probe"] = {"top1": topk_accuracy(scores, test_y, 1), "top5": topk_accuracy(scores, test_y, 5)}
-    if "retrieval" in recipe.protocols:
+        store_result(context.run, init, "linear_probe", output["linear_probe"])
+    if "retrieval" in requested and "retrieval" not in output:
         output["retrieval"] = recall_at_k(test_features, test_y, train_features, train_y, recipe.probe.recall_at)
-    return output
+        store_result(context.run, init, "retrieval", output["retrieval"])
+    return {protocol: output[protocol] for protocol in requested}
 
 
-def _finetune(context, recipe, init, backbone_config, state_dict, train_cache, test_cache, train_labels, test_labels, num_classes, device) -> dict[str, Any]:
+def _finetune(context, recipe, init, backbone_config, state_dict, splits: _Splits, device) -> dict[str, Any]:
     train_config = recipe.finetune.train
-    train_set = LabelledClips(train_cache, train_labels, recipe.view, "train")
+    stored = load_result(context.run, init, "finetune", steps=train_config.steps)
+    if stored is not None:
+        return stored
+
+    train_set = LabelledClips(splits.train_cache, splits.train_labels, recipe.view, "train")
     if len(train_set) < train_config.batch_size:
         raise InputError(f"the train split has {len(train_set)} videos, fewer than finetune.train.batch_size={train_config.batch_size}; lower the batch size.")
-    task = FinetuneTask(backbone_config, state_dict, num_classes, recipe.finetune.dropout, train_set)
-    sub_run = RunDir(context.run.file(f"finetune-{init}"), TOOL, resume=False)
+    task = FinetuneTask(backbone_config, state_dict, splits.num_classes, recipe.finetune.dropout, train_set)
+    sub_run = _finetune_run(context, init)
     sub_run.start(recipe)
     try:
         trainer = Trainer(task, train_config, sub_run, seed=recipe.seed, device=device, console=context.console)
@@ -363,8 +494,37 @@ def _finetune(context, recipe, init, backbone_config, state_dict, train_cache, t
     finally:
         sub_run.close()
     model = trainer.model
-    scores, _, labels = multi_clip_outputs(model, LabelledClips(test_cache, test_labels, recipe.view, "test"), recipe.probe.batch_size, device)
-    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5), "steps": fit["steps"], "final_train_loss": fit["loss"], "run_dir": str(sub_run.path)}
+    scores, _, labels = multi_clip_outputs(model, LabelledClips(splits.test_cache, splits.test_labels, recipe.view, "test"), recipe.probe.batch_size, device)
+    metrics = {
+        "top1": topk_accuracy(scores, labels, 1),
+        "top5": topk_accuracy(scores, labels, 5),
+        "steps": fit["steps"],
+        # A run resumed at its last step trains no step and so logs no loss; the metrics file has it.
+        "final_train_loss": _last_logged_loss(sub_run),
+        "run_dir": str(sub_run.path),
+    }
+    store_result(context.run, init, "finetune", metrics)
+    return metrics
+
+
+def _finetune_run(context: RunContext, init: str) -> RunDir:
+    """Return the fine-tuning run folder of ``init``: resumed when a resumed run left a checkpoint there, else new."""
+    path = context.run.file(f"finetune-{init}")
+    resume = context.run.resume and latest_checkpoint(path / "checkpoints") is not None
+    if context.run.resume and path.exists() and not resume:
+        # Stopped before its first checkpoint: nothing to continue, and its partial metrics would be logged twice.
+        log.info("fine-tuning of %s left no checkpoint in %s; it starts again from step 0", init, path)
+        if context.run.writer:
+            shutil.rmtree(path)
+    return RunDir(path, TOOL, resume=resume, writer=context.run.writer, resumable_keys=RESUMABLE_KEYS)
+
+
+def _last_logged_loss(run: RunDir) -> float | None:
+    path = run.file("metrics.jsonl")
+    if not path.is_file():
+        return None
+    losses = [record["loss"] for record in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if "loss" in record]
+    return losses[-1] if losses else None
 
 
 def _print_results(context: RunContext, summary: dict[str, Any]) -> None:
