@@ -18,7 +18,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mmtk.core.logging import get_logger
 from mmtk.core.recipe import param
+
+log = get_logger(__name__)
 
 BLOCKS_PER_STAGE = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2)}
 
@@ -180,10 +183,18 @@ def count_parameters(module: nn.Module) -> int:
 def maybe_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Convert BatchNorm to SyncBatchNorm under torch.distributed with several processes on the NCCL backend.
 
-    CPU runs (gloo) keep per-process BatchNorm statistics.
+    Other backends (gloo on CPU) keep per-process BatchNorm statistics and
+    log it, because torch's SyncBatchNorm raises ValueError on CPU input in
+    training mode (torch 2.13). Each process then normalizes over its own
+    micro-batch, as one process with gradient accumulation does.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() == "nccl":
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return module
+    backend = dist.get_backend()
+    if backend == "nccl":
+        log.info("converting BatchNorm to SyncBatchNorm over %d processes", dist.get_world_size())
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    log.info("keeping per-process BatchNorm statistics on the %s backend: SyncBatchNorm needs GPU tensors", backend)
     return module

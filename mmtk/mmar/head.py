@@ -3,6 +3,10 @@
 Each image token ``x`` (dimension D) gets its own small denoiser, conditioned
 on the backbone's hidden state ``z`` at that token's position. The head sees
 no other token, so all tokens and all noise draws form one flat batch.
+
+With ``learn_sigma`` the head outputs 2 D values, as MAR's does: the
+prediction (eps, v or x0) and a variance value per dimension, trained with
+improved DDPM's hybrid loss (see :class:`mmtk.nn.diffusion.GaussianDiffusion`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmtk.core.logging import get_logger
 from mmtk.nn.diffusion import GaussianDiffusion
+
+log = get_logger(__name__)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -81,23 +88,25 @@ class DiffusionHead(nn.Module):
         cond_dim: size of the conditioning hidden state z.
         width: W, the MLP width (MAR default 1024; CPU recipes 128-256).
         depth: number of residual blocks (MAR default 3).
+        learn_sigma: also output a variance value per token dimension, so the
+            output has 2 D values (MAR's head); default False (D values).
 
     Every adaLN output layer and the final Linear start at zero, so the
-    head outputs exactly 0 until it is trained.
-
-    TODO: MAR's head also outputs a learned variance (2 x D outputs, trained
-    with a variational-bound term). This head outputs D values, so the
-    sampler uses the fixed posterior variance.
+    head outputs exactly 0 until it is trained (both halves with
+    ``learn_sigma``; a zero variance value means the geometric mean of
+    ``beta_t`` and ``beta_tilde_t``).
     """
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 3) -> None:
+    def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 3, learn_sigma: bool = False) -> None:
         super().__init__()
         self.token_dim = token_dim
+        self.learn_sigma = learn_sigma
+        self.out_dim = 2 * token_dim if learn_sigma else token_dim
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(token_dim, width)
         self.blocks = nn.ModuleList([AdaLNResBlock(width) for _ in range(depth)])
-        self.final_layer = FinalLayer(width, token_dim)
+        self.final_layer = FinalLayer(width, self.out_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -117,12 +126,12 @@ class DiffusionHead(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Denoise a flat batch: x_t (N, D), t (N,) long, z (N, cond_dim) -> output (N, D)."""
+        """Denoise a flat batch: x_t (N, D), t (N,) long, z (N, cond_dim) -> output (N, D), or (N, 2D) with ``learn_sigma``."""
         y = self.time_embed(t) + self.cond_embed(z)  # (N, W)
         h = self.input_proj(x_t)  # (N, W)
         for block in self.blocks:
             h = block(h, y)
-        return self.final_layer(h, y)  # (N, D)
+        return self.final_layer(h, y)  # (N, out_dim)
 
 
 class DiffusionLoss(nn.Module):
@@ -134,13 +143,20 @@ class DiffusionLoss(nn.Module):
         num_steps: training timesteps T (default 1000, cosine schedule).
         batch_mul: independent (t, noise) draws per token per training step
             (MAR's ``diffusion_batch_mul``, default 4).
+        learn_sigma: learn the reverse-step variance (MAR does, with eps);
+            the loss then adds the variational-bound term. Default False.
+        vlb_weight: lambda of the hybrid loss (default 0.001, improved DDPM's).
     """
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 3, parameterisation: str = "v", num_steps: int = 1000, batch_mul: int = 4) -> None:
+    def __init__(
+        self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 3, parameterisation: str = "v", num_steps: int = 1000, batch_mul: int = 4,
+        learn_sigma: bool = False, vlb_weight: float = 0.001,
+    ) -> None:
         super().__init__()
-        self.head = DiffusionHead(token_dim, cond_dim, width, depth)
-        self.diffusion = GaussianDiffusion(num_steps, parameterisation)
+        self.head = DiffusionHead(token_dim, cond_dim, width, depth, learn_sigma=learn_sigma)
+        self.diffusion = GaussianDiffusion(num_steps, parameterisation, learn_sigma=learn_sigma, vlb_weight=vlb_weight)
         self.batch_mul = batch_mul
+        log.debug("diffusion head: token_dim %d, width %d, depth %d, pred %s, learn_sigma %s", token_dim, width, depth, parameterisation, learn_sigma)
 
     def forward(self, tokens: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Return the mean diffusion loss over tokens (N, D) conditioned on z (N, C).
@@ -172,8 +188,10 @@ class DiffusionLoss(nn.Module):
 
         With ``z_uncond`` and ``cfg_scale`` != 1, each step evaluates the head
         on both conditions with the same ``x_t`` and uses
-        ``out_u + cfg_scale * (out_c - out_u)``. ``eta`` = 1 samples
-        ancestrally (DDPM, the MAR default), 0 deterministically (DDIM).
+        ``out_u + cfg_scale * (out_c - out_u)`` for the prediction; a learned
+        variance comes from the conditional half alone, as in MAR. ``eta`` = 1
+        samples ancestrally (DDPM, the MAR default, with the learned variance
+        when the head has one), 0 deterministically (DDIM).
         """
         n = z.shape[0]
         noise = torch.randn((n, self.head.token_dim), generator=generator, device=z.device, dtype=z.dtype)
@@ -182,8 +200,10 @@ class DiffusionLoss(nn.Module):
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not guided:
                 return self.head(x_t, t, z)
-            both = self.head(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z, z_uncond]))  # (2N, D)
-            cond, uncond = both.chunk(2)
-            return uncond + cfg_scale * (cond - uncond)
+            both = self.head(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z, z_uncond]))  # (2N, out_dim)
+            cond, uncond = both.chunk(2)  # 2 x (N, out_dim)
+            d = self.head.token_dim
+            guided_prediction = uncond[:, :d] + cfg_scale * (cond[:, :d] - uncond[:, :d])  # (N, D)
+            return torch.cat([guided_prediction, cond[:, d:]], dim=1)  # (N, out_dim)
 
         return self.diffusion.sample(denoise, noise, num_sampling_steps, eta=eta, temperature=temperature, generator=generator)

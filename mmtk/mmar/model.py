@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmtk.core.logging import get_logger
 from mmtk.mmar.head import DiffusionLoss
 from mmtk.mmar.layout import BOI, EOI, IGNORE_INDEX, TEXT, SequenceBatch, hybrid_attention_mask
 from mmtk.nn.llm import DecoderConfig, DecoderLM
 
+log = get_logger(__name__)
 
 @dataclass
 class MMARConfig:
@@ -31,6 +33,8 @@ class MMARConfig:
         vit_width, vit_depth, vit_heads: the EmbeddingViT.
         head_width, head_depth: the diffusion head MLP.
         parameterisation: what the head predicts: "v", "eps" or "x0".
+        learn_sigma: the head also outputs the reverse-step variance (2 D
+            outputs, hybrid loss). False for configs saved before it existed.
         diffusion_steps: training timesteps T of the cosine schedule.
         diffusion_batch_mul: noise draws per token per training step.
         image_attention: "bidirectional" or "causal" inside the image span.
@@ -45,6 +49,7 @@ class MMARConfig:
     head_width: int = 256
     head_depth: int = 3
     parameterisation: str = "v"
+    learn_sigma: bool = False
     diffusion_steps: int = 1000
     diffusion_batch_mul: int = 4
     image_attention: str = "bidirectional"
@@ -133,6 +138,12 @@ class MMAR(nn.Module):
         self.diffusion = DiffusionLoss(
             config.token_dim, hidden, config.head_width, config.head_depth,
             parameterisation=config.parameterisation, num_steps=config.diffusion_steps, batch_mul=config.diffusion_batch_mul,
+            learn_sigma=config.learn_sigma,
+        )
+        log.debug(
+            "MMAR: %d image tokens of dimension %d, decoder width %d, head %dx%d (pred %s, learn_sigma %s), %d parameters",
+            config.num_image_tokens, config.token_dim, hidden, config.head_depth, config.head_width, config.parameterisation, config.learn_sigma,
+            sum(p.numel() for p in self.parameters()),
         )
 
     # ------------------------------------------------------------ backbone
@@ -198,5 +209,9 @@ def trainable_parameter_count(model: nn.Module) -> int:
 
 
 def config_from_mapping(values: Mapping[str, Any]) -> MMARConfig:
-    """Rebuild an :class:`MMARConfig` from :meth:`MMARConfig.to_dict` output."""
-    return MMARConfig(**dict(values))
+    """Rebuild an :class:`MMARConfig` from :meth:`MMARConfig.to_dict` output.
+
+    A mapping without ``learn_sigma`` (saved before the option existed)
+    gets False, the head those models were trained with.
+    """
+    return MMARConfig(**{"learn_sigma": False, **dict(values)})

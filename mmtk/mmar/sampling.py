@@ -57,6 +57,30 @@ def non_finite_tensor(value: Any, name: str = "") -> str | None:
     return None
 
 
+HEAD_OUTPUT_WEIGHT = "diffusion.head.final_layer.linear.weight"
+
+
+def check_head_outputs(state: dict[str, Any], path: str | Path) -> None:
+    """Raise InputError when the stored head's output size disagrees with the stored ``learn_sigma`` setting.
+
+    A head with a learned variance has 2 x token_dim outputs and one without
+    has token_dim. Files saved before the setting existed count as without.
+    """
+    config = state.get("mmar_config")
+    weights = state.get("model")
+    if not isinstance(config, dict) or not isinstance(weights, dict) or HEAD_OUTPUT_WEIGHT not in weights or "token_dim" not in config:
+        return
+    learn_sigma = bool(config.get("learn_sigma", False))
+    expected = int(config["token_dim"]) * (2 if learn_sigma else 1)
+    found = int(weights[HEAD_OUTPUT_WEIGHT].shape[0])
+    if found != expected:
+        raise InputError(
+            f"{path}: the diffusion head has {found} outputs, but its mmar_config (token_dim {config['token_dim']}, "
+            f"learn_sigma {learn_sigma}) needs {expected}. The file was altered or written by another mmtk version; "
+            "retrain, or use the model.pt the run wrote."
+        )
+
+
 def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMAR:
     """Load ``model.pt`` written by ``mmtk train-mmar``; raises InputError for a missing, foreign or broken file."""
     from mmtk.core.checkpoint import load_checkpoint
@@ -75,6 +99,7 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
             raise InputError(f"{path}: tensor '{section}.{bad}' contains NaN or infinite values, so the model cannot sample; retrain or use an earlier checkpoint.")
     if "mmar_config" not in state:
         raise InputError(f"{path} is a {TOOL} training checkpoint, not its final model.pt; pass the model.pt in the run folder.")
+    check_head_outputs(state, path)
     try:
         model = MMAR(config_from_mapping(state["mmar_config"]))
         lora = state["lora"]
@@ -91,6 +116,7 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
     vocabulary = CaptionVocabulary(tokenizer, vocab_state["base_ids"], int(vocab_state["max_tokens"]))
     model.to(device).eval()
     autoencoder.to(device).eval()
+    log.info("loaded %s: %d image tokens of dimension %d, pred %s, learn_sigma %s", path, model.config.num_image_tokens, model.config.token_dim, model.config.parameterisation, model.config.learn_sigma)
     return LoadedMMAR(model, autoencoder, vocabulary, int(image["patch_size"]), tuple(image["latent_shape"]), int(image["resolution"]), dict(state.get("sample", {})))
 
 

@@ -14,6 +14,13 @@ on a respaced subset of the training timesteps, deterministically (DDIM,
 ``fn(x_t, t) -> output`` of the chosen parameterisation, so classifier-free
 guidance and other wrappers live in the caller.
 
+With ``learn_sigma`` the denoiser returns twice the channels (dim 1): the
+prediction, then a value ``v`` in [-1, 1] per channel that sets the variance
+of each reverse step (improved DDPM's learned range, see
+:func:`interpolated_log_variance`). Training adds the variational-bound term
+that fits ``v``; ancestral sampling (``eta = 1``) uses the learned variance and
+DDIM ignores it.
+
 Schedule arithmetic runs in float64; the sampling state runs in the dtype of
 the initial noise.
 """
@@ -120,6 +127,46 @@ def error_amplification(alpha: float, sigma: float, alpha_next: float, sigma_nex
     return abs((sigma_next * alpha - alpha_next * sigma) / delta)
 
 
+def interpolated_log_variance(v: torch.Tensor, log_beta_tilde: torch.Tensor | float, log_beta: torch.Tensor | float) -> torch.Tensor:
+    """Map a variance output ``v`` in [-1, 1] to a log variance between the two natural bounds.
+
+    Improved DDPM (Nichol and Dhariwal, 2021) notes that the reverse-step
+    variance of a diffusion lies between the posterior variance
+    ``beta_tilde_t`` (the value for a point mass as data) and ``beta_t`` (for
+    unit-variance Gaussian data). The network therefore predicts only where
+    in that range to sit, in log space: ``f = (v + 1) / 2`` and
+    ``log var = f log beta_t + (1 - f) log beta_tilde_t``. ``v = -1`` gives
+    ``beta_tilde_t``, ``v = 1`` gives ``beta_t`` and an untrained (zero)
+    output their geometric mean. ``v`` is not clamped.
+    """
+    fraction = (v + 1) / 2
+    return fraction * log_beta + (1 - fraction) * log_beta_tilde
+
+
+def normal_kl(mean_1: torch.Tensor, log_var_1: torch.Tensor, mean_2: torch.Tensor, log_var_2: torch.Tensor) -> torch.Tensor:
+    """Return ``KL(N(mean_1, exp(log_var_1)) || N(mean_2, exp(log_var_2)))`` elementwise, in nats."""
+    return 0.5 * (log_var_2 - log_var_1 + torch.exp(log_var_1 - log_var_2) + (mean_1 - mean_2) ** 2 * torch.exp(-log_var_2) - 1)
+
+
+def discretised_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor, bin_width: float = 2 / 255, edge: float = 0.999) -> torch.Tensor:
+    """Return the log probability (nats) of the bin around each ``x`` under ``N(mean, exp(log_std)^2)``, elementwise.
+
+    The bins are those of 8-bit data scaled to [-1, 1] (width ``2 / 255``),
+    as in DDPM's decoder term: a value below ``-edge`` takes the whole lower
+    tail ``P(X <= x + w / 2)``, one above ``edge`` the whole upper tail
+    ``P(X > x - w / 2)``, any other ``P(x - w / 2 < X <= x + w / 2)``. The
+    normal CDF is exact (``torch.special.ndtr``), not the tanh approximation
+    of the original code, so values agree with it to about 1e-3.
+    """
+    inv_std = torch.exp(-log_std)
+    upper = (x - mean + bin_width / 2) * inv_std  # standardised bin edges
+    lower = (x - mean - bin_width / 2) * inv_std
+    log_below_upper = torch.special.log_ndtr(upper)
+    log_above_lower = torch.special.log_ndtr(-lower)
+    log_bin = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    return torch.where(x < -edge, log_below_upper, torch.where(x > edge, log_above_lower, log_bin))
+
+
 class GaussianDiffusion:
     """A discrete-time Gaussian diffusion with one output parameterisation.
 
@@ -127,9 +174,16 @@ class GaussianDiffusion:
         num_steps: training timesteps T (default 1000).
         parameterisation: what the denoiser predicts: "v" (default), "eps" or "x0".
         schedule: "cosine" (improved DDPM, default) or "linear" (DDPM).
+        learn_sigma: the denoiser also returns a variance output ``v`` per
+            channel (its output has twice the channels along dim 1); default False.
+        vlb_weight: lambda of improved DDPM's hybrid loss
+            ``L_simple + lambda * L_vlb`` (default 0.001, the paper's value).
+            One training timestep estimates ``L_vlb`` as T times that step's
+            term, so each sample adds ``lambda * T`` times its term: 1 for
+            T = 1000, which is the weight MAR's training code applies.
     """
 
-    def __init__(self, num_steps: int = 1000, parameterisation: str = "v", schedule: str = "cosine") -> None:
+    def __init__(self, num_steps: int = 1000, parameterisation: str = "v", schedule: str = "cosine", learn_sigma: bool = False, vlb_weight: float = 0.001) -> None:
         check_parameterisation(parameterisation)
         if schedule == "cosine":
             alphas_cumprod = cosine_alphas_cumprod(num_steps)
@@ -140,7 +194,18 @@ class GaussianDiffusion:
         self.num_steps = num_steps
         self.parameterisation = parameterisation
         self.schedule = schedule
+        self.learn_sigma = learn_sigma
+        self.vlb_weight = vlb_weight
         self.alphas_cumprod = alphas_cumprod  # (T,) float64
+
+        # One-step quantities of the full chain, float64, indexed by t.
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        self.betas = 1 - alphas_cumprod / alphas_cumprod_prev  # (T,)
+        self.posterior_variance = self.betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)  # beta_tilde_t, 0 at t = 0
+        # log beta_tilde with the t = 0 value (log 0) replaced by t = 1's.
+        self.posterior_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])) if num_steps > 1 else torch.log(self.betas)
+        self.posterior_mean_coef_x0 = self.betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod)
+        self.posterior_mean_coef_xt = (1 - self.betas).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
 
     # ------------------------------------------------------------ training
 
@@ -166,16 +231,69 @@ class GaussianDiffusion:
         alpha, sigma = self.alpha_sigma(t, x0)
         return from_x0_eps(x0, noise, alpha, sigma, self.parameterisation)
 
-    def training_loss(self, denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the per-sample mean squared error of ``denoiser`` against its target, shape (N,)."""
+    def _at(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Return ``table[t]`` (N,) shaped (N, 1, ..., 1) in the dtype and device of ``like``."""
+        return table.to(t.device)[t].to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+    def vlb_term(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, variance_output: torch.Tensor) -> torch.Tensor:
+        """Return each sample's term of the variational bound, in bits per dimension, shape (N,).
+
+        The model's reverse step is ``N(mu, var)``: ``mu`` is the posterior
+        mean of ``q(x_{t-1} | x_t, x0_hat)`` with ``x0_hat`` derived from
+        ``output`` (any parameterisation), ``var`` comes from
+        ``variance_output`` through :func:`interpolated_log_variance`. For
+        t > 0 the term is ``KL(q(x_{t-1} | x_t, x_0) || N(mu, var))``, for t = 0
+        the negative log likelihood of ``x_0`` under ``N(mu, var)`` in 8-bit
+        bins (:func:`discretised_gaussian_log_likelihood`). Both are averaged
+        over the non-batch dimensions and divided by ln 2.
+        """
+        dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        x0, x_t, output, variance_output = (v.to(dtype) for v in (x0, x_t, output, variance_output))
+        alpha, sigma = self.alpha_sigma(t, x0)
+        x0_hat, _ = to_x0_eps(x_t, output, alpha, sigma, self.parameterisation)
+
+        coef_x0 = self._at(self.posterior_mean_coef_x0, t, x0)
+        coef_xt = self._at(self.posterior_mean_coef_xt, t, x0)
+        true_mean = coef_x0 * x0 + coef_xt * x_t
+        true_log_var = self._at(self.posterior_log_variance, t, x0)
+        model_mean = coef_x0 * x0_hat + coef_xt * x_t
+        model_log_var = interpolated_log_variance(variance_output, true_log_var, self._at(torch.log(self.betas), t, x0))
+
+        kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).flatten(1).mean(dim=1) / math.log(2)  # (N,)
+        nll = -discretised_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).flatten(1).mean(dim=1) / math.log(2)  # (N,)
+        return torch.where(t == 0, nll, kl)
+
+    def training_terms(self, denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Return the per-sample losses, each shape (N,): ``mse``, and with ``learn_sigma`` ``vlb`` and their sum ``loss``.
+
+        ``mse`` is the mean squared error of the prediction against this
+        parameterisation's target. With ``learn_sigma``, ``vlb`` is
+        :meth:`vlb_term` evaluated on a detached copy of the prediction, so
+        the bound trains only the variance output and the mean is fitted by
+        the squared error alone (improved DDPM's stop-gradient);
+        ``loss = mse + vlb_weight * T * vlb``.
+        """
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
         output = denoiser(x_t, t)
+        variance_output = None
+        if self.learn_sigma:
+            output, variance_output = output.chunk(2, dim=1)  # 2 x (N, C, ...)
         target = self.training_target(x0, noise, t)
-        return ((output.float() - target.float()) ** 2).flatten(1).mean(dim=1)
+        terms = {"mse": ((output.float() - target.float()) ** 2).flatten(1).mean(dim=1)}
+        if variance_output is None:
+            terms["loss"] = terms["mse"]
+            return terms
+        terms["vlb"] = self.vlb_term(x0, x_t, t, output.detach(), variance_output)
+        terms["loss"] = terms["mse"] + self.vlb_weight * self.num_steps * terms["vlb"].to(terms["mse"].dtype)
+        return terms
+
+    def training_loss(self, denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the per-sample training loss, shape (N,): the squared error, plus the weighted bound term with ``learn_sigma``."""
+        return self.training_terms(denoiser, x0, t, noise)["loss"]
 
     # ------------------------------------------------------------ sampling
 
@@ -194,7 +312,8 @@ class GaussianDiffusion:
 
         Args:
             denoiser: ``fn(x_t, t) -> output`` with ``t`` a (N,) long tensor of
-                training timesteps; returns this diffusion's parameterisation.
+                training timesteps; returns this diffusion's parameterisation
+                (with ``learn_sigma``, followed by the variance output along dim 1).
             noise: initial state (N, ...); its dtype is the state's dtype.
             num_sampling_steps: K respaced steps (see :func:`respaced_timesteps`).
             eta: 0 for deterministic DDIM, 1 for ancestral DDPM on the respaced
@@ -202,6 +321,14 @@ class GaussianDiffusion:
             temperature: multiplies the std of the noise injected at each step
                 (no effect when ``eta`` is 0).
             clip_x0: clamp the predicted ``x_0`` to [-clip_x0, clip_x0] when set.
+
+        With ``learn_sigma`` and ``eta = 1`` each step draws from
+        ``N(mu, var)``: ``mu`` is the posterior mean given ``x0_hat`` and
+        ``var`` interpolates between the respaced chain's own ``beta`` and
+        ``beta_tilde`` (``beta = 1 - abar_t / abar_prev`` over the skipped
+        steps), as improved DDPM and MAR do when sampling with fewer steps.
+        Any other ``eta`` runs the DDIM update and ignores the variance output,
+        as DDIM sampling in the improved-DDPM code does.
 
         Returns:
             The sample, same shape and dtype as ``noise``.
@@ -216,10 +343,17 @@ class GaussianDiffusion:
 
             t_batch = torch.full((n,), t, dtype=torch.long, device=x.device)
             output = denoiser(x, t_batch).to(x.dtype)
+            variance_output = None
+            if self.learn_sigma:
+                output, variance_output = output.chunk(2, dim=1)  # 2 x (N, C, ...)
             x0, eps = to_x0_eps(x, output, math.sqrt(abar), math.sqrt(1 - abar), self.parameterisation)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
                 eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+
+            if variance_output is not None and eta == 1.0:
+                x = self._learned_variance_step(x, x0, variance_output, abar, abar_prev, t_prev is None, temperature, generator)
+                continue
 
             # Posterior std of q(x_prev | x_t, x_0) on the respaced chain, scaled by eta.
             variance = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev) if t_prev is not None else 0.0
@@ -229,3 +363,19 @@ class GaussianDiffusion:
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
                 x = x + temperature * std * z
         return x
+
+    @staticmethod
+    def _learned_variance_step(
+        x: torch.Tensor, x0: torch.Tensor, variance_output: torch.Tensor, abar: float, abar_prev: float, last: bool, temperature: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """One ancestral step from ``abar`` to ``abar_prev`` with the learned variance; returns the new state."""
+        beta = 1 - abar / abar_prev  # of the respaced step
+        coef_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
+        coef_xt = math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+        mean = coef_x0 * x0 + coef_xt * x  # (N, ...)
+        if last:
+            return mean  # the step to t = 0 adds no noise; the mean is x0_hat
+        beta_tilde = beta * (1 - abar_prev) / (1 - abar)
+        log_var = interpolated_log_variance(variance_output, math.log(beta_tilde), math.log(beta))
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return mean + temperature * torch.exp(0.5 * log_var) * z
