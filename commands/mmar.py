@@ -1,6 +1,9 @@
-"""``mmtk train-kl-autoencoder``, ``mmtk train-mmar``, ``mmtk mmar-generate`` and ``mmtk mmar-caption``."""
+"""``mmtk train-kl-autoencoder``, ``mmtk train-mmar``, ``mmtk mmar-generate``, ``mmtk mmar-caption`` and ``mmtk download-coco-mini``."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -82,3 +85,20 @@ def register(app: typer.Typer) -> None:
 
         options = run_options(out, json, seed, device, verbose, quiet)
         finish(run_tool(CAPTION_TOOL, CaptionRecipe, recipe, list(overrides or []), options, run_caption))
+
+    @app.command("download-coco-mini")
+    def download_coco_mini(
+        destination: Annotated[Path, typer.Argument(help="Folder to create with images/, captions.jsonl and images.csv (coco-mini layout).")],
+        base_url: Annotated[Optional[str], typer.Option("--base-url", help="URL that COCO's archive paths are appended to (default http://images.cocodataset.org/; file:// reads local copies).")] = None,
+        archives: Annotated[Optional[Path], typer.Option("--archives", help="Folder to keep the downloaded zip archives in (about 1.1 GB) and reuse next time; by default they are deleted.")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Replace a destination folder that is not empty.")] = False,
+        json: JsonOpt = False,
+        verbose: VerboseOpt = 0,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Download COCO 2017 val images and captions, check their MD5, and write the 159 val2017 photos of coco-mini at 256 px."""
+        from mmtk.core.runner import run_command
+        from mmtk.mmar.coco import COCO_BASE_URL, download_coco_mini as download
+
+        options = run_options(None, json, None, None, verbose, quiet)
+        finish(run_command(lambda: download(destination, base_url or COCO_BASE_URL, archives=archives, force=force), options))
