@@ -193,6 +193,7 @@ def caption_and_save(loaded: LoadedMMAR, cache, rows: Sequence[int], records: Se
         lines.append(to_json({"image": record.path.name, "caption": loaded.vocabulary.decode(caption_ids), "references": record.captions}))
     path = write_text(folder / "captions.jsonl", "".join(line + "\n" for line in lines))
     photos = save_image_grid(folder / "captioned.png", to_uint8_images(decode_tokens(loaded, tokens)), columns=min(8, len(records)))
+    log.info("captioned %d held-out photos into %s", len(records), path)
     return {"jsonl": str(path), "png": str(photos), "count": len(records)}
 
 
@@ -265,6 +266,7 @@ def run_generate(context) -> dict[str, Any]:
         raise RecipeError(f"recipe key 'iterations': {sample.iterations} exceeds the model's {loaded.model.config.num_image_tokens} image tokens; lower it.")
 
     context.start()
+    log.info("generating %d images for the captions in %s (iterations %d, steps %d, cfg %g, eta %g)", len(prompts), recipe.captions, sample.iterations, sample.steps, sample.cfg, sample.eta)
     generator = torch.Generator().manual_seed(recipe.seed)
     result = generate_and_save(loaded, prompts, sample, context.run.path, generator)
     return {"generated": result, "settings": {key: getattr(sample, key) for key in SAMPLING_KEYS}}
@@ -294,6 +296,7 @@ def run_caption(context) -> dict[str, Any]:
         pixels.append(square_image(image, loaded.resolution))
 
     context.start()
+    log.info("captioning %d images with %s", len(pixels), recipe.checkpoint)
     images = torch.stack(pixels).to(device)
     tokens = encode_images_to_tokens(loaded, images)
     generator = torch.Generator().manual_seed(recipe.seed)
