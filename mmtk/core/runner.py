@@ -74,7 +74,9 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, cleanup: Callable[[], None] | None = None) -> int:
     """Run ``body`` with logging set up and errors mapped to exit codes.
 
-    Prints the returned mapping as one JSON object on stdout under ``--json``.
+    Prints the returned mapping as one JSON object on stdout under ``--json``;
+    a failed command prints ``{"error": message, "error_type": class name,
+    "exit_code": code}`` there instead, so a pipeline always gets one object.
     SIGTERM outside a training loop's :class:`~mmtk.core.signals.StopFlag`
     stops the command with exit code 1 and a logged reason. ``cleanup`` runs
     after any error has been logged (a run folder's log file gets it too).
@@ -84,26 +86,37 @@ def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, 
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    failure: tuple[BaseException, int] | None = None
     try:
         summary = body()
     except MmtkError as exc:
         log.error("%s", exc)
-        return exc.exit_code
-    except KeyboardInterrupt:
+        failure = (exc, exc.exit_code)
+    except KeyboardInterrupt as exc:
         log.error("interrupted")
-        return 130
+        failure = (exc, 130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
         log.exception("failed with an unexpected error: %s", exc)
-        return 1
+        failure = (exc, 1)
     finally:
         if cleanup is not None:
             cleanup()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+    if failure is not None:
+        exc, exit_code = failure
+        if options.json:
+            _print_json({"error": str(exc) or "interrupted", "error_type": type(exc).__name__, "exit_code": exit_code})
+        return exit_code
     if options.json and summary is not None:
-        sys.stdout.write(to_json(summary) + "\n")
-        sys.stdout.flush()
+        _print_json(summary)
     return 0
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(to_json(payload) + "\n")
+    sys.stdout.flush()
 
 
 def _check_seed_and_device(recipe: Any) -> None:

@@ -66,6 +66,17 @@ def test_input_error_exits_2_and_writes_nothing(tmp_path):
     assert _run(tmp_path, out, "fail=crash") == 1
 
 
+def test_failed_run_prints_one_json_error_object(tmp_path, capsys):
+    out = tmp_path / "run"
+
+    assert _run(tmp_path, out, "fail=input", json=True) == 2
+    error = json.loads(capsys.readouterr().out)
+    assert error == {"error": "bad data value 7", "error_type": "DataError", "exit_code": 2}
+
+    assert _run(tmp_path, out, "fail=crash", json=True) == 1
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 1
+
+
 def test_foreign_nonempty_folder_rejected(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

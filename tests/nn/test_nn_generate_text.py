@@ -85,7 +85,7 @@ def test_empty_prompt_rejected(cli, tiny_model_folder, mmtk_log, raw):
     result = cli(*args)
 
     assert result.exit_code == 2
-    assert result.stdout == ""
+    assert json.loads(result.stdout)["exit_code"] == 2
     assert "the prompt is empty" in error_messages(mmtk_log)[0]
 
 
@@ -95,7 +95,7 @@ def test_prompt_longer_than_context_rejected(cli, tiny_model_folder, mmtk_log):
 
     message = error_messages(mmtk_log)[0]
     assert result.exit_code == 2
-    assert result.stdout == ""
+    assert json.loads(result.stdout)["error_type"] == "InputError"
     assert f"the prompt has {CONTEXT_LENGTH - 10} tokens" in message
     assert f"max_position_embeddings) of {CONTEXT_LENGTH}" in message
 

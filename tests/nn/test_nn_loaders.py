@@ -220,7 +220,7 @@ def test_generate_text_rejects_bad_checkpoint(cli, bad_checkpoints, case, tmp_pa
 
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert result.exit_code == 2
-    assert result.stdout == ""
+    assert json.loads(result.stdout)["exit_code"] == 2
     assert len(errors) == 1
     assert needle in errors[0]
     assert str(named_file) in errors[0]

@@ -6,6 +6,8 @@ conversion takes well under a second.
 
 from __future__ import annotations
 
+import json
+
 import os
 import stat
 import time
@@ -174,4 +176,4 @@ def test_unwritable_cache_exits_2(cli, tmp_path, monkeypatch):
     result = cli("generate-text", "--prompt", "hi", "--json")
 
     assert result.exit_code == 2
-    assert result.stdout == ""
+    assert json.loads(result.stdout)["exit_code"] == 2
