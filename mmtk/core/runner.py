@@ -74,8 +74,8 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, cleanup: Callable[[], None] | None = None) -> int:
     """Run ``body`` with logging set up and errors mapped to exit codes.
 
-    Prints the returned mapping as one JSON object on stdout under ``--json``;
-    a failed command prints ``{"error": message, "error_type": class name,
+    Prints the returned mapping as one JSON object on stdout under ``--json``.
+    A failed command prints ``{"error": message, "error_type": class name,
     "exit_code": code}`` there instead, so a pipeline always gets one object.
     SIGTERM outside a training loop's :class:`~mmtk.core.signals.StopFlag`
     stops the command with exit code 1 and a logged reason. ``cleanup`` runs
