@@ -25,11 +25,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Learn a causal knowledge network over skills from student responses and a Q-matrix."""
         from mmtk.core.runner import run_tool
-        from mmtk.causalkg.build import run_build
+        from mmtk.causalkg.build import RESUMABLE_KEYS, run_build
         from mmtk.causalkg.recipes import BuildRecipe
 
         options = run_options(out, json, seed, device, verbose, quiet, resume)
-        finish(run_tool("build-causal-kg", BuildRecipe, recipe, overrides or [], options, run_build))
+        finish(run_tool("build-causal-kg", BuildRecipe, recipe, overrides or [], options, run_build, resumable_keys=RESUMABLE_KEYS))
 
     @app.command("recommend-path")
     def recommend_path(

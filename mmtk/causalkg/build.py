@@ -7,6 +7,9 @@ Run-folder files (besides the core's recipe.yaml, meta.json, log.txt, summary.js
 - ``network.png`` or ``.svg``: the drawn network;
 - ``cpts.txt``: the conditional probability tables as text;
 - ``bootstrap.json``: every skill pair seen in a resample with its frequencies;
+- ``resamples/structures.json`` and ``resamples/effects.json``: the edge
+  list and the effect values of every finished resample (schema in
+  :mod:`mmtk.causalkg.resamples`), which ``--resume`` reuses;
 - ``mastery.h5`` (schema ``mmtk.causal-kg.mastery/1``): ``mastery_probability``
   float64 (students x skills), ``mastered`` int8 (students x skills),
   ``q_matrix`` int64 (items x skills), ``slip`` and ``guess`` float64 (items,
@@ -30,6 +33,7 @@ from mmtk.causalkg.data import ResponseData, load_response_data
 from mmtk.causalkg.effects import bootstrap_effects, cpd_tables, edge_effects, fit_network, quiet_pgmpy
 from mmtk.causalkg.mastery import DINA, MASTERY_MODELS, MasteryModel
 from mmtk.causalkg.network import CausalKnowledgeNetwork, draw_network
+from mmtk.causalkg.resamples import ResampleStore, fingerprint
 from mmtk.causalkg.recipes import BuildRecipe
 from mmtk.causalkg.simulate import simulate_cohort
 from mmtk.causalkg.structure import StructureSettings, as_categorical, bootstrap_structures, check_constraints, consensus_dag, default_workers, orient_consensus
@@ -37,6 +41,11 @@ from mmtk.causalkg.structure import StructureSettings, as_categorical, bootstrap
 log = get_logger(__name__)
 
 MASTERY_SCHEMA = "mmtk.causal-kg.mastery/1"
+
+# Recipe keys that may change on --resume besides the core's: more resamples
+# add to the stored ones (each resample is seeded by its index), and the
+# number of worker processes does not change any result.
+RESUMABLE_KEYS = frozenset({"resamples", "workers"})
 
 
 def load_data(recipe: BuildRecipe) -> ResponseData:
@@ -147,7 +156,10 @@ def run_build(context: RunContext) -> dict[str, Any]:
         settings = with_rate_order(settings, data.skill_names, rates)
 
     # Structure: bootstrap, then the consensus DAG.
-    bootstrap = bootstrap_structures(mastered, data.skill_names, settings, recipe.bootstrap.resamples, recipe.seed, workers)
+    structure_store = ResampleStore(
+        context.run.file("resamples/structures.json"), "structure", fingerprint(mastered, data.skill_names, recipe.seed, settings), load=context.run.resume,
+    )
+    bootstrap = bootstrap_structures(mastered, data.skill_names, settings, recipe.bootstrap.resamples, recipe.seed, workers, store=structure_store)
     frame = as_categorical(mastered, data.skill_names)
     consensus = orient_consensus(frame, consensus_dag(bootstrap, data.skill_names, recipe.bootstrap.threshold, settings), settings)
     log.info("consensus DAG: %d edges at frequency >= %.2f", len(consensus), recipe.bootstrap.threshold)
@@ -155,7 +167,9 @@ def run_build(context: RunContext) -> dict[str, Any]:
     # Causal effects of the consensus edges, with bootstrap intervals.
     consensus_model = fit_network(frame, consensus, recipe.effects.equivalent_sample_size)
     effects = edge_effects(consensus_model, consensus)
-    samples = bootstrap_effects(mastered, data.skill_names, consensus, recipe.bootstrap.resamples, recipe.seed, workers, recipe.effects.equivalent_sample_size)  # (R, E)
+    effect_inputs = {"edges": consensus, "equivalent_sample_size": recipe.effects.equivalent_sample_size}
+    effect_store = ResampleStore(context.run.file("resamples/effects.json"), "effect", fingerprint(mastered, data.skill_names, recipe.seed, effect_inputs), load=context.run.resume)
+    samples = bootstrap_effects(mastered, data.skill_names, consensus, recipe.bootstrap.resamples, recipe.seed, workers, recipe.effects.equivalent_sample_size, store=effect_store)  # (R, E)
 
     def frequencies(u: str, v: str) -> tuple[float, float]:
         return bootstrap.adjacency_frequency(u, v), bootstrap.direction_frequency(u, v)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mmtk.core.logging import get_logger
+from mmtk.causalkg.resamples import ResampleStore
 from mmtk.causalkg.structure import Edge, WORKER_STATE, as_categorical, map_resamples, resample_indices
 
 log = get_logger(__name__)
@@ -100,17 +101,29 @@ def bootstrap_effects(
     n_workers: int,
     equivalent_sample_size: float = 5.0,
     states: list[Any] | None = None,
+    store: ResampleStore | None = None,
 ) -> np.ndarray:
     """Refit the DAG ``edges`` on each bootstrap resample; return effects (resamples x edges).
 
     Resample r uses the same rows as resample r of the structure bootstrap.
+    With a ``store``, resamples it already contains are not refitted, and
+    each new row of effects is added to it (saved also when this raises).
     """
     if not edges:
         return np.zeros((n_resamples, 0))
     state = {"values": values, "columns": columns, "edges": edges, "seed": seed, "states": states, "equivalent_sample_size": equivalent_sample_size}
-    log.info("bootstrap effects started: %d edges x %d resamples on %d worker process(es)", len(edges), n_resamples, n_workers)
-    rows = map_resamples(_effects_on_resample, list(range(n_resamples)), state, n_workers)
-    return np.asarray(rows, dtype=np.float64)  # (R, E)
+    stored = store.results if store is not None else {}
+    missing = [r for r in range(n_resamples) if r not in stored]
+    if len(missing) < n_resamples:
+        log.info("bootstrap effects: %d of %d resamples are stored, %d to compute", n_resamples - len(missing), n_resamples, len(missing))
+    log.info("bootstrap effects started: %d edges x %d resamples on %d worker process(es)", len(edges), len(missing), n_workers)
+    try:
+        computed = map_resamples(_effects_on_resample, missing, state, n_workers, on_result=store.add if store is not None else None)
+    finally:
+        if store is not None:
+            store.save()
+    rows = {**stored, **dict(zip(missing, computed))}
+    return np.asarray([rows[r] for r in range(n_resamples)], dtype=np.float64)  # (R, E)
 
 
 def cpd_tables(model) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,7 @@ import pandas as pd
 
 from mmtk.core.errors import InputError
 from mmtk.core.logging import get_logger
+from mmtk.causalkg.resamples import ResampleStore
 
 log = get_logger(__name__)
 
@@ -231,16 +232,30 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def map_resamples(task: Callable[[int], Any], resamples: list[int], state: dict[str, Any], n_workers: int) -> list[Any]:
+def map_resamples(
+    task: Callable[[int], Any],
+    resamples: list[int],
+    state: dict[str, Any],
+    n_workers: int,
+    on_result: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
     """Run ``task(resample)`` for each resample, in ``n_workers`` processes (1 = in this process).
 
     ``task`` reads its inputs from the module's worker state, set to ``state``.
-    Results come back in the order of ``resamples``.
+    Results come back in the order of ``resamples``; ``on_result(resample,
+    result)`` is called for each as soon as it and all earlier ones are done.
+    When this process raises (for example on SIGTERM), resamples not yet
+    started are cancelled.
     """
+    results: list[Any] = []
     if n_workers <= 1 or len(resamples) <= 1:
         _init_worker(state)
         try:
-            return [task(r) for r in resamples]
+            for resample in resamples:
+                results.append(task(resample))
+                if on_result is not None:
+                    on_result(resample, results[-1])
+            return results
         finally:
             WORKER_STATE.clear()
     # Import pgmpy here once: forked workers inherit the modules instead of each paying seconds of imports.
@@ -248,8 +263,15 @@ def map_resamples(task: Callable[[int], Any], resamples: list[int], state: dict[
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     context = multiprocessing.get_context(method)
     chunk = max(1, len(resamples) // (8 * n_workers))
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=context, initializer=_init_pool_worker, initargs=(state,)) as pool:
-        return list(pool.map(task, resamples, chunksize=chunk))
+    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context, initializer=_init_pool_worker, initargs=(state,))
+    try:
+        for resample, result in zip(resamples, pool.map(task, resamples, chunksize=chunk)):
+            results.append(result)
+            if on_result is not None:
+                on_result(resample, result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
 
 
 def _init_pool_worker(state: dict[str, Any]) -> None:
@@ -288,14 +310,29 @@ def bootstrap_structures(
     seed: int,
     n_workers: int,
     states: list[Any] | None = None,
+    store: ResampleStore | None = None,
 ) -> BootstrapResult:
-    """Learn a DAG on each of ``n_resamples`` bootstrap resamples of ``values`` (rows x columns)."""
+    """Learn a DAG on each of ``n_resamples`` bootstrap resamples of ``values`` (rows x columns).
+
+    With a ``store``, resamples it already contains are not learned again,
+    and each new edge list is added to it (saved also when this raises).
+    """
     state = {"values": values, "columns": columns, "settings": settings, "seed": seed, "states": states}
-    log.info("bootstrap structure learning started: %d resamples on %d worker process(es)", n_resamples, n_workers)
-    edge_lists = map_resamples(_learn_resample, list(range(n_resamples)), state, n_workers)
+    stored = store.results if store is not None else {}
+    missing = [r for r in range(n_resamples) if r not in stored]
+    if len(missing) < n_resamples:
+        log.info("bootstrap structure learning: %d of %d resamples are stored, %d to learn", n_resamples - len(missing), n_resamples, len(missing))
+    log.info("bootstrap structure learning started: %d resamples on %d worker process(es)", len(missing), n_workers)
+    try:
+        learned = map_resamples(_learn_resample, missing, state, n_workers, on_result=store.add if store is not None else None)
+    finally:
+        if store is not None:
+            store.save()
+    edge_lists = {**stored, **dict(zip(missing, learned))}
     counts: dict[Edge, int] = {}
-    for edges in edge_lists:
-        for edge in edges:
+    for r in range(n_resamples):
+        for edge in edge_lists[r]:
+            edge = (str(edge[0]), str(edge[1]))  # stored edges come back from JSON as lists
             counts[edge] = counts.get(edge, 0) + 1
     log.info("bootstrap structure learning finished: %d distinct directed edges", len(counts))
     return BootstrapResult(n_resamples=n_resamples, directed_counts=counts)
