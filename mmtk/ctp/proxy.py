@@ -40,7 +40,7 @@ class ProxyTaskConfig:
     visible_prob: float = param(0.8, min=0, max=1, help="probability that a patch is pasted in a frame (frame 0 and the source frame always are)")
     mask_shape_probs: list[float] = param(default_factory=lambda: [0.5, 0.35, 0.15], help="probabilities of a rectangle, ellipse, rhombus alpha mask")
     soft_edge_prob: float = param(0.5, min=0, max=1, help="probability of a soft mask edge")
-    soft_edge_start: list[float] = param(default_factory=lambda: [0.30, 0.45], help="range of the normalised radius where the soft edge ramp starts")
+    soft_edge_start: list[float] = param(default_factory=lambda: [0.30, 0.45], help="range of the distance from the patch centre, as a fraction of the patch side (the edge is at 0.5), where the soft edge ramp starts")
     opacity: list[float] = param(default_factory=lambda: [0.8, 1.0], help="range of the patch opacity at key frames")
     hue_saturation_prob: float = param(0.25, min=0, max=1, help="probability of hue and saturation jitter after pasting")
     hue_delta: float = param(12.0, min=0, help="hue shift range in OpenCV hue units (half degrees)")
@@ -55,10 +55,10 @@ class ProxyTaskConfig:
             probs = getattr(self, name)
             if len(probs) != count or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
                 raise ValueError(f"'{name}' must hold {count} non-negative probabilities summing to 1, got {probs}")
-        for name in ("soft_edge_start", "opacity"):
+        for name, upper in (("soft_edge_start", 0.5), ("opacity", 1.0)):
             bounds = getattr(self, name)
-            if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1] <= 1:
-                raise ValueError(f"'{name}' must be [low, high] with 0 <= low <= high <= 1, got {bounds}")
+            if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1] <= upper:
+                raise ValueError(f"'{name}' must be [low, high] with 0 <= low <= high <= {upper}, got {bounds}")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"'scales' must be positive pixel sizes, got {self.scales}")
         if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
@@ -219,7 +219,10 @@ def alpha_mask(height: int, width: int, shape: str, soft_edge_start: float | Non
     Pixel centres get normalised coordinates u, v in (-1, 1). The radius is
     max(|u|, |v|) for a rectangle, sqrt(u^2 + v^2) for an ellipse and
     |u| + |v| for a rhombus. A hard mask is 1 where the radius is at most 1.
-    A soft mask falls linearly from 1 at ``soft_edge_start`` to 0 at radius 1.
+    ``soft_edge_start`` is a distance from the centre as a fraction of the
+    patch side, so the edge is at 0.5 and the ramp starts at radius
+    2 * ``soft_edge_start``: a soft mask falls linearly from 1 there to 0 at
+    radius 1.
     """
     # numpy is several times faster than torch on arrays this small.
     v = ((np.arange(height, dtype=np.float32) + 0.5) / height * 2 - 1)[:, None]
@@ -235,7 +238,8 @@ def alpha_mask(height: int, width: int, shape: str, soft_edge_start: float | Non
     if soft_edge_start is None:
         mask = (radius <= 1).astype(np.float32)
     else:
-        mask = np.clip((1 - radius) / (1 - soft_edge_start), 0, 1).astype(np.float32)
+        ramp = max(1 - 2 * soft_edge_start, 1e-6)  # a start at 0.5 gives a hard edge
+        mask = np.clip((1 - radius) / ramp, 0, 1).astype(np.float32)
     return torch.from_numpy(mask)
 
 

@@ -146,6 +146,21 @@ def test_paste_composites_with_alpha():
     assert ((alpha > 0) & (alpha < 0.9 - 1e-6)).any()  # the soft edge
 
 
+def test_soft_edge_ramp_spans_outer_band():
+    # 10 px wide rectangle, ramp start 0.4 of the side: pixel centres sit at
+    # 0.05, 0.15, ... of the side from the left edge, i.e. 0.45, 0.35, ... from
+    # the centre. Only the outer pixel (0.45 > 0.4) is on the ramp, halfway.
+    mask = alpha_mask(10, 10, "rectangle", 0.4)
+    row = mask[5].tolist()
+    assert row[0] == pytest.approx(0.5)
+    assert row[9] == pytest.approx(0.5)
+    assert row[1:9] == pytest.approx([1.0] * 8)
+
+
+def test_soft_edge_start_at_half_is_hard():
+    assert torch.equal(alpha_mask(6, 8, "ellipse", 0.5), alpha_mask(6, 8, "ellipse", None))
+
+
 def test_patch_is_resized_when_box_size_changes():
     clip = torch.zeros(2, 3, 16, 16)
     clip[0, :, 0:4, 0:4] = 100.0  # a uniform source square
