@@ -24,7 +24,7 @@ import pandas as pd
 
 from mmtk.core.logging import get_logger
 from mmtk.causalkg.resamples import ResampleStore
-from mmtk.causalkg.structure import Edge, WORKER_STATE, as_categorical, map_resamples, resample_indices
+from mmtk.causalkg.structure import Edge, WORKER_STATE, as_categorical, map_missing_resamples, resample_indices
 
 log = get_logger(__name__)
 
@@ -112,18 +112,9 @@ def bootstrap_effects(
     if not edges:
         return np.zeros((n_resamples, 0))
     state = {"values": values, "columns": columns, "edges": edges, "seed": seed, "states": states, "equivalent_sample_size": equivalent_sample_size}
-    stored = store.results if store is not None else {}
-    missing = [r for r in range(n_resamples) if r not in stored]
-    if len(missing) < n_resamples:
-        log.info("bootstrap effects: %d of %d resamples are stored, %d to compute", n_resamples - len(missing), n_resamples, len(missing))
-    log.info("bootstrap effects started: %d edges x %d resamples on %d worker process(es)", len(edges), len(missing), n_workers)
-    try:
-        computed = map_resamples(_effects_on_resample, missing, state, n_workers, on_result=store.add if store is not None else None)
-    finally:
-        if store is not None:
-            store.save()
-    rows = {**stored, **dict(zip(missing, computed))}
-    return np.asarray([rows[r] for r in range(n_resamples)], dtype=np.float64)  # (R, E)
+    log.info("bootstrap effects started: %d edges x %d resamples on %d worker process(es)", len(edges), n_resamples, n_workers)
+    rows = map_missing_resamples(_effects_on_resample, n_resamples, state, n_workers, store)
+    return np.asarray(rows, dtype=np.float64)  # (R, E)
 
 
 def cpd_tables(model) -> dict[str, dict[str, Any]]:

@@ -274,6 +274,25 @@ def map_resamples(
     return results
 
 
+def map_missing_resamples(task: Callable[[int], Any], n_resamples: int, state: dict[str, Any], n_workers: int, store: ResampleStore | None) -> list[Any]:
+    """Return ``task(r)`` for r in ``range(n_resamples)``, taking the results ``store`` already contains.
+
+    The missing resamples run through :func:`map_resamples`, and each new
+    result is added to ``store``, which is saved also when this raises.
+    """
+    stored = store.results if store is not None else {}
+    missing = [r for r in range(n_resamples) if r not in stored]
+    if store is not None and len(missing) < n_resamples:
+        log.info("%d of %d %s resamples are stored, %d to compute", n_resamples - len(missing), n_resamples, store.kind, len(missing))
+    try:
+        computed = map_resamples(task, missing, state, n_workers, on_result=store.add if store is not None else None)
+    finally:
+        if store is not None:
+            store.save()
+    results = {**stored, **dict(zip(missing, computed))}
+    return [results[r] for r in range(n_resamples)]
+
+
 def _init_pool_worker(state: dict[str, Any]) -> None:
     _exit_with_parent()
     _init_worker(state)
@@ -318,20 +337,11 @@ def bootstrap_structures(
     and each new edge list is added to it (saved also when this raises).
     """
     state = {"values": values, "columns": columns, "settings": settings, "seed": seed, "states": states}
-    stored = store.results if store is not None else {}
-    missing = [r for r in range(n_resamples) if r not in stored]
-    if len(missing) < n_resamples:
-        log.info("bootstrap structure learning: %d of %d resamples are stored, %d to learn", n_resamples - len(missing), n_resamples, len(missing))
-    log.info("bootstrap structure learning started: %d resamples on %d worker process(es)", len(missing), n_workers)
-    try:
-        learned = map_resamples(_learn_resample, missing, state, n_workers, on_result=store.add if store is not None else None)
-    finally:
-        if store is not None:
-            store.save()
-    edge_lists = {**stored, **dict(zip(missing, learned))}
+    log.info("bootstrap structure learning started: %d resamples on %d worker process(es)", n_resamples, n_workers)
+    edge_lists = map_missing_resamples(_learn_resample, n_resamples, state, n_workers, store)
     counts: dict[Edge, int] = {}
-    for r in range(n_resamples):
-        for edge in edge_lists[r]:
+    for edges in edge_lists:
+        for edge in edges:
             edge = (str(edge[0]), str(edge[1]))  # stored edges come back from JSON as lists
             counts[edge] = counts.get(edge, 0) + 1
     log.info("bootstrap structure learning finished: %d distinct directed edges", len(counts))
