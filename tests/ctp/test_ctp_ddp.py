@@ -140,3 +140,27 @@ def test_sync_batchnorm_rejects_cpu_input(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "eval ok" in result.stdout
     assert "train rejected: SyncBatchNorm expected input tensor to be on GPU" in result.stdout
+
+
+@pytest.mark.parametrize("backend, converted", [("nccl", True), ("gloo", False)])
+def test_maybe_sync_batchnorm_by_backend(monkeypatch, caplog, backend, converted):
+    import logging
+
+    import torch.distributed as dist
+
+    from mmtk.ctp.backbones import PRETRAIN_STRIDES, BackboneConfig, VideoResNet, maybe_sync_batchnorm
+
+    # Stand in for a two-process group; conversion itself needs no collective.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    model = VideoResNet(BackboneConfig(arch="r3d", depth=10, widths=[4, 8, 8, 8]), PRETRAIN_STRIDES)
+    batchnorms = sum(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+
+    with caplog.at_level(logging.INFO, logger="mmtk.ctp.backbones"):
+        model = maybe_sync_batchnorm(model)
+    synced = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert batchnorms > 0
+    assert synced == (batchnorms if converted else 0)
+    expected = "converting BatchNorm to SyncBatchNorm over 2 processes" if converted else "keeping per-process BatchNorm statistics on the gloo backend"
+    assert expected in caplog.text
