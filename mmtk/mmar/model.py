@@ -189,8 +189,8 @@ class MMAR(nn.Module):
         hidden = self.hidden_states(sequences, tokens, mask)  # (B, L, H)
 
         z = self.image_conditions(sequences, hidden)  # (B, N, H)
-        flat_mask = mask.reshape(-1)
-        image_loss = self.diffusion(tokens.reshape(-1, tokens.shape[-1]), z.reshape(-1, z.shape[-1]), flat_mask.float())
+        # The head runs on masked tokens only (R of B*N), the rows that carry loss; all-ones weights give 0 when R = 0.
+        image_loss = self.diffusion(tokens[mask], z[mask], mask[mask].float())  # tokens (R, D), z (R, H)
 
         text_rows = sequences.targets != IGNORE_INDEX  # (B, L)
         logits = self.backbone.lm_head(hidden[text_rows]).float()  # (M, V)
