@@ -209,6 +209,16 @@ class CaptionVocabulary:
             return list(ids)
         return [self._to_compact.get(i, self.UNK) for i in ids]
 
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Return the decoder ids of each prompt, logging a warning for every prompt cut at ``max_tokens``."""
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(normalise_caption(prompt), add_special_tokens=False)
+            if len(ids) > self.max_tokens:
+                log.warning("prompt %d has %d tokens; the model reads only its first %d, so %d are dropped", index, len(ids), self.max_tokens, len(ids) - self.max_tokens)
+            encoded.append(self.encode(prompt))
+        return encoded
+
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of decoder ids, dropping special entries."""
         if self.base_ids is not None:
@@ -217,13 +227,16 @@ class CaptionVocabulary:
 
 
 def normalise_caption(caption: str) -> str:
-    """Strip whitespace and end the caption with a full stop, so captions end alike."""
+    """Collapse whitespace and end the caption with a full stop, so captions end alike.
+
+    A text that ends with a question mark (a question prompt) keeps it and gets no full stop.
+    """
     caption = " ".join(caption.split())
-    return caption if caption.endswith(".") else caption + "."
+    return caption if caption.endswith((".", "?")) else caption + "."
 
 
 def load_base_tokenizer(source: str) -> Any:
-    """Load the text tokenizer: ``"bundled"`` for SmolLM2-135M's, a ``.gguf`` file, or a Hugging Face-format folder.
+    """Load the text tokenizer: ``"bundled"`` for SmolLM2-135M's, ``"shapes"`` for the word-level one of the synthetic shapes, a ``.gguf`` file, or a Hugging Face-format folder.
 
     The bundled tokenizer comes from the converted SmolLM2 folder in the mmtk
     cache (converted once, on first use).
@@ -231,6 +244,10 @@ def load_base_tokenizer(source: str) -> Any:
     from mmtk.nn.loaders.gguf_file import open_gguf, read_metadata
     from mmtk.nn.tokenizer import Tokenizer
 
+    if source == "shapes":
+        from mmtk.mmar.shapes import shapes_tokenizer
+
+        return shapes_tokenizer()
     if source == "bundled":
         from mmtk.nn.loaders import smollm2_directory
 

@@ -88,3 +88,59 @@ def masked_counts(num_tokens: int, num_iterations: int) -> list[int]:
         counts.append(target)
         remaining = target
     return counts
+
+
+# ------------------------------------------------------------ pixel tokens
+
+
+class PixelConfig:
+    """The fields of an autoencoder config that the MMAR pipeline reads, for raw pixels."""
+
+    downsample_factor = 1
+    embed_dim = 3
+    in_channels = 3
+
+
+class PixelTokenizer(torch.nn.Module):
+    """Raw pixels as "latents", so that p x p x 3 pixel patches become tokens.
+
+    It offers the interface of :class:`mmtk.nn.autoencoder.KLAutoencoder`
+    that the pipeline uses: ``encode`` returns a posterior whose mean is the
+    image (B, 3, R, R) in [-1, 1] and whose variance is negligible,
+    ``decode`` returns its input, and ``scale_factor`` multiplies the pixels
+    to about unit std (estimate it with 1 / std of the training pixels).
+    """
+
+    def __init__(self, scale_factor: float = 0.0) -> None:
+        super().__init__()
+        self.config = PixelConfig()
+        self.scale_factor = scale_factor
+
+    def encode(self, images: torch.Tensor):
+        from mmtk.nn.autoencoder import DiagonalGaussian
+
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        logvar = torch.full_like(images, -30.0)  # the smallest log-variance DiagonalGaussian keeps
+        return DiagonalGaussian(torch.cat([images, logvar], dim=1))  # moments (B, 6, R, R)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+def image_tokenizer_state(model) -> dict:
+    """Return the ``model.pt`` entry of the image tokenizer: a KL autoencoder's checkpoint state or ``{"kind": "pixels", ...}``."""
+    if isinstance(model, PixelTokenizer):
+        return {"kind": "pixels", "scale_factor": float(model.scale_factor)}
+    from mmtk.nn.autoencoder import autoencoder_checkpoint_state
+
+    return autoencoder_checkpoint_state(model)
+
+
+def image_tokenizer_from_state(state: dict):
+    """Rebuild the image tokenizer from :func:`image_tokenizer_state` output."""
+    if state.get("kind") == "pixels":
+        return PixelTokenizer(float(state["scale_factor"]))
+    from mmtk.nn.autoencoder import autoencoder_from_checkpoint_state
+
+    return autoencoder_from_checkpoint_state(state)

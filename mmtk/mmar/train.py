@@ -36,27 +36,32 @@ MODEL_FORMAT = 1
 
 
 class CaptionedLatents(Dataset):
-    """Training samples: a latent drawn from a cached posterior and one caption's ids.
+    """Training samples: a latent drawn from a cached posterior, one caption's ids and one image-to-text target's ids.
 
-    Each item is ``(latent (C, h, w), caption ids, u)`` where ``u`` is a
-    uniform number that decides caption dropout in :meth:`MMARTask.collate`.
+    Each item is ``(latent (C, h, w), caption ids, text ids, u)``. The
+    caption is the text-to-image prompt. The text is what an image-to-text
+    sample predicts: a caption, or for the shapes data also a question with
+    its answer. ``u`` is a uniform number that decides caption dropout in
+    :meth:`MMARTask.collate`. ``texts`` defaults to ``captions``.
     """
 
-    def __init__(self, cache: LatentCache, rows: list[int], captions: list[list[list[int]]], flip: bool) -> None:
+    def __init__(self, cache: LatentCache, rows: list[int], captions: list[list[list[int]]], flip: bool, texts: list[list[list[int]]] | None = None) -> None:
         self.cache = cache
         self.rows = rows
         self.captions = captions
+        self.texts = texts if texts is not None else captions
         self.flip = flip
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], float]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], list[int], float]:
         row = self.rows[index]
         moments = self.cache.moments_flipped[row] if self.flip and random.random() < 0.5 else self.cache.moments[row]
         latent = sample_latents(moments) * self.cache.scale_factor  # (C, h, w)
         caption = random.choice(self.captions[index])
-        return latent, caption, random.random()
+        text = random.choice(self.texts[index])
+        return latent, caption, text, random.random()
 
 
 def stage_at(recipe: MMARRecipe, step: int):
@@ -88,7 +93,7 @@ class MMARTask(TrainingTask):
 
         return default_parameter_groups(model, config.weight_decay)
 
-    def collate(self, samples: list[tuple[torch.Tensor, list[int], float]]) -> dict[str, Any]:
+    def collate(self, samples: list[tuple[torch.Tensor, list[int], list[int], float]]) -> dict[str, Any]:
         """Stack latents into tokens and lay out the sequences.
 
         The first ``round(t2i_fraction * B)`` samples become text-to-image
@@ -103,9 +108,11 @@ class MMARTask(TrainingTask):
         tasks = ["t2i"] * num_t2i + ["i2t"] * (batch - num_t2i)
 
         captions = []
-        for task, (_, caption, u) in zip(tasks, samples):
-            dropped = task == "t2i" and u < data.caption_dropout
-            captions.append([] if dropped else caption)
+        for task, (_, caption, text, u) in zip(tasks, samples):
+            if task == "i2t":
+                captions.append(text)
+            else:
+                captions.append([] if u < data.caption_dropout else caption)
         latents = torch.stack([s[0] for s in samples])  # (B, C, h, w)
         tokens = patchify(latents, self.recipe.autoencoder.patch_size)  # (B, N, D)
         sequences = build_sequences(tasks, captions, tokens.shape[1], self.vocabulary.bos_id, self.vocabulary.eos_id)
@@ -136,11 +143,17 @@ class MMARTask(TrainingTask):
 
 
 def load_autoencoder(section) -> Any:
-    """Load the frozen autoencoder from an mmtk checkpoint or LDM KL-16 weights; raises InputError when unusable."""
+    """Load the frozen image tokenizer: pixel patches, an mmtk autoencoder checkpoint or LDM KL-16 weights.
+
+    Raises InputError or RecipeError when it is unusable with the recipe's resolution and patch size.
+    """
     from mmtk.core.checkpoint import load_checkpoint
+    from mmtk.mmar.tokens import PixelTokenizer
     from mmtk.nn.autoencoder import KLAutoencoder, autoencoder_from_checkpoint_state, ldm_kl16_config, load_autoencoder_weights
 
-    if section.checkpoint is not None:
+    if section.kind == "pixels":
+        model = PixelTokenizer()
+    elif section.checkpoint is not None:
         from mmtk.mmar.kl_autoencoder import TOOL as AUTOENCODER_TOOL
 
         state = load_checkpoint(section.checkpoint, expected_tool=AUTOENCODER_TOOL)
@@ -155,6 +168,7 @@ def load_autoencoder(section) -> Any:
     if latent_side % section.patch_size:
         raise RecipeError(f"recipe key 'autoencoder.patch_size': {section.patch_size} does not divide the {latent_side}x{latent_side} latent grid.")
     model.requires_grad_(False)
+    log.info("image tokenizer: %s, %d px images, %dx%d latent grid, patch size %d", section.kind, section.resolution, latent_side, latent_side, section.patch_size)
     return model.eval()
 
 
@@ -178,13 +192,15 @@ def build_latent_cache(autoencoder, records, images: torch.Tensor, resolution: i
     """Encode the centre crops ``images`` (M, 3, R, R) of ``records`` and write the latent cache."""
     from mmtk.mmar.data import encode_images, write_latent_cache
     from mmtk.mmar.kl_autoencoder import estimate_scale_factor
+    from mmtk.mmar.tokens import PixelTokenizer
 
+    log.info("encoding %d images of %d px into the latent cache %s", len(records), resolution, path)
     started = time.perf_counter()
     moments, moments_flipped = encode_images(autoencoder, images)
     if not autoencoder.scale_factor:
         autoencoder.scale_factor = estimate_scale_factor(autoencoder, images)
         log.info("estimated the latent scale factor: %.4f", autoencoder.scale_factor)
-    description = f"KLAutoencoder {asdict(autoencoder.config)}"
+    description = "pixels" if isinstance(autoencoder, PixelTokenizer) else f"KLAutoencoder {asdict(autoencoder.config)}"
     write_latent_cache(path, records, moments, moments_flipped, autoencoder.scale_factor, resolution, description)
     log.info("encoded %d photos into %s in %.1f s", len(records), path, time.perf_counter() - started)
     return path
@@ -248,7 +264,7 @@ def build_model(recipe: MMARRecipe, vocabulary: CaptionVocabulary, token_dim: in
 def model_file_state(model, ema, recipe: MMARRecipe, vocabulary: CaptionVocabulary, autoencoder, latent_shape: tuple[int, int, int]) -> dict[str, Any]:
     """Return the self-contained mapping saved as ``model.pt`` (EMA weights when EMA is on)."""
     from mmtk.core.recipe import to_dict
-    from mmtk.nn.autoencoder import autoencoder_checkpoint_state
+    from mmtk.mmar.tokens import image_tokenizer_state
 
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if ema is not None:
@@ -262,7 +278,7 @@ def model_file_state(model, ema, recipe: MMARRecipe, vocabulary: CaptionVocabula
         "lora": {"rank": recipe.backbone.lora_rank, "alpha": recipe.backbone.lora_alpha, "targets": list(recipe.backbone.lora_targets)},
         "vocabulary": {"base_ids": vocabulary.base_ids, "tokenizer": recipe.text.tokenizer, "max_tokens": vocabulary.max_tokens},
         "image": {"patch_size": recipe.autoencoder.patch_size, "latent_shape": list(latent_shape), "resolution": recipe.autoencoder.resolution},
-        "autoencoder": autoencoder_checkpoint_state(autoencoder),
+        "autoencoder": image_tokenizer_state(autoencoder),
         "sample": to_dict(recipe.sample),
     }
 
@@ -282,8 +298,15 @@ def run(context) -> dict[str, Any]:
     wall_start = time.perf_counter()
 
     # Validate every input before the run folder exists.
-    records = read_coco_mini(recipe.data.images)
-    ordered, _ = split_heldout(records, 0)
+    shapes = None
+    if recipe.data.source == "shapes":
+        from mmtk.mmar.shapes import make_shapes, shape_records
+
+        shapes = make_shapes(recipe.data.num_images, recipe.autoencoder.resolution, recipe.seed)
+        ordered = shape_records(shapes)
+    else:
+        records = read_coco_mini(recipe.data.images)
+        ordered, _ = split_heldout(records, 0)
     train_rows = [i for i in range(len(ordered)) if not (recipe.data.heldout_every and i % recipe.data.heldout_every == recipe.data.heldout_every - 1)]
     heldout_rows = [i for i in range(len(ordered)) if i not in set(train_rows)]
     if len(train_rows) < recipe.train.batch_size:
@@ -303,10 +326,14 @@ def run(context) -> dict[str, Any]:
         if tuple(cache.moments.shape[1:]) != expected:
             raise InputError(f"latent cache {recipe.data.latent_cache} has moments of shape {tuple(cache.moments.shape[1:])} per image, but the autoencoder gives {expected}; the cache comes from another autoencoder, so set data.latent_cache: null to rebuild it.")
         crops = None
+    elif shapes is not None:
+        crops = shapes.images  # (M, 3, R, R)
     else:
         crops = read_centre_crops(ordered, recipe.autoencoder.resolution)  # (M, 3, R, R)
     tokenizer = load_base_tokenizer(recipe.text.tokenizer)
     train_captions = [c for i in train_rows for c in ordered[i].captions]
+    if shapes is not None:
+        train_captions += [a for i in train_rows for a in shapes.answers[i]]
     if recipe.text.compact_vocab:
         vocabulary = CaptionVocabulary.from_captions(tokenizer, train_captions, recipe.text.max_tokens)
     else:
@@ -324,7 +351,10 @@ def run(context) -> dict[str, Any]:
     num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
 
     captions = [[vocabulary.encode(c) for c in ordered[i].captions] for i in train_rows]
-    dataset = CaptionedLatents(cache, train_rows, captions, recipe.data.flip)
+    texts = None
+    if shapes is not None:
+        texts = [captions[j] + [vocabulary.encode(a) for a in shapes.answers[i]] for j, i in enumerate(train_rows)]
+    dataset = CaptionedLatents(cache, train_rows, captions, recipe.data.flip, texts)
     task = MMARTask(recipe, dataset, vocabulary, lambda: build_model(recipe, vocabulary, token_dim, num_tokens))
     trainer = Trainer(task, recipe.train, context.run, seed=recipe.seed, device=recipe.device, console=context.console)
     task.trainer = trainer
@@ -335,6 +365,7 @@ def run(context) -> dict[str, Any]:
     model_path = context.run.file("model.pt")
     if context.run.writer:
         save_checkpoint(model_path, model_file_state(unwrap_model(model), trainer.ema, recipe, vocabulary, autoencoder, latent_shape))
+        log.info("wrote the sampling model %s", model_path)
     summary: dict[str, Any] = {
         "model": str(model_path),
         "trainable_parameters": trainable_parameter_count(model),
