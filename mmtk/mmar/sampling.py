@@ -87,7 +87,7 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
     from mmtk.mmar.data import CaptionVocabulary, load_base_tokenizer
     from mmtk.mmar.model import MMAR, config_from_mapping
     from mmtk.mmar.train import MODEL_FORMAT, TOOL
-    from mmtk.nn.autoencoder import autoencoder_from_checkpoint_state
+    from mmtk.mmar.tokens import image_tokenizer_from_state
     from mmtk.nn.lora import add_lora
 
     state = load_checkpoint(path, expected_tool=TOOL)
@@ -107,7 +107,7 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
             add_lora(model.backbone, lora["targets"], rank=lora["rank"], alpha=lora["alpha"], freeze_base=False)
         model.load_state_dict(state["model"])
         model.backbone.tie_weights()
-        autoencoder = autoencoder_from_checkpoint_state(state["autoencoder"])
+        autoencoder = image_tokenizer_from_state(state["autoencoder"])
         vocab_state = state["vocabulary"]
         image = state["image"]
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -156,9 +156,10 @@ def generate_images(loaded: LoadedMMAR, prompts: Sequence[str], sample: Any, gen
     settings = settings_from(sample)
     if settings.num_iterations > loaded.model.config.num_image_tokens:
         raise InputError(f"iterations={settings.num_iterations} exceeds the model's {loaded.model.config.num_image_tokens} image tokens; lower it.")
+    prompt_ids = loaded.vocabulary.encode_prompts(prompts)
     images = []
     for start in range(0, len(prompts), batch_size):
-        ids = [loaded.vocabulary.encode(p) for p in prompts[start : start + batch_size]]
+        ids = prompt_ids[start : start + batch_size]
         tokens = generate_tokens(loaded.model, ids, loaded.vocabulary.bos_id, loaded.vocabulary.eos_id, settings, generator)
         images.append(decode_tokens(loaded, tokens))
     return torch.cat(images)
