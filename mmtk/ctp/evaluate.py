@@ -292,19 +292,21 @@ def _read_data(config: VideoDataConfig, span: int, smoke: bool) -> EvaluationDat
     return EvaluationData(train_records, test_records, classes, config, smoke)
 
 
+def _smoke_config(folder: Path, recipe: EvaluateRecipe) -> VideoDataConfig:
+    return VideoDataConfig(root=folder / "videos", layout="ucf101", splits=folder / "splits", split=1, cache=recipe.data.cache)
+
+
 def _install_smoke_data(run: RunDir, staged: Path, recipe: EvaluateRecipe) -> EvaluationData:
-    """Move the staged smoke data set into the run folder (or reuse the one a resumed run has) and read it there."""
+    """Move the staged smoke data set into the run folder and read it there."""
     final = run.file("smoke-data")
-    if not final.is_dir():
+    if run.writer:
         # Copy under a temporary name, then rename, so a crash never leaves a half-copied data set to reuse.
         partial = run.file("smoke-data.partial")
         shutil.rmtree(partial, ignore_errors=True)
         shutil.move(str(staged), partial)
         partial.rename(final)
-    else:
-        log.info("reusing the smoke data set in %s", final)
-    config = VideoDataConfig(root=final / "videos", layout="ucf101", splits=final / "splits", split=1, cache=recipe.data.cache)
-    return _read_data(config, recipe.view.num_frames, smoke=True)
+    distributed.barrier()
+    return _read_data(_smoke_config(final, recipe), recipe.view.num_frames, smoke=True)
 
 
 def run(context: RunContext) -> dict[str, Any]:
@@ -321,10 +323,20 @@ def run(context: RunContext) -> dict[str, Any]:
     pretrained = load_pretrained_backbone(recipe.checkpoint) if recipe.checkpoint is not None else None
     backbone_config = pretrained[0] if pretrained is not None else recipe.backbone
 
+    # Under torchrun, join the process group first: rank 0 alone writes the shared files below.
+    device = distributed.resolve_device(recipe.device)
+    distributed.init_distributed(device.type)
+
     # The smoke data set is built in a temporary folder first, so that a rejected run writes nothing.
+    # A resumed run reuses the one in its run folder.
+    resumed_smoke = context.run.file("smoke-data")
+    reuse_smoke = recipe.data.root is None and context.run.resume and resumed_smoke.is_dir()
     staging = Path(tempfile.mkdtemp(prefix="mmtk-ctp-smoke-"))
     try:
-        data = prepare_data(recipe, staging / "smoke-data")
+        if reuse_smoke:
+            data = _read_data(_smoke_config(resumed_smoke, recipe), recipe.view.num_frames, smoke=True)
+        else:
+            data = prepare_data(recipe, staging / "smoke-data")
         batch_size = recipe.finetune.train.batch_size
         if "finetune" in recipe.protocols and len(data.train_records) < batch_size:
             raise InputError(f"the train split has {len(data.train_records)} videos, fewer than finetune.train.batch_size={batch_size}; lower the batch size.")
@@ -332,16 +344,21 @@ def run(context: RunContext) -> dict[str, Any]:
             check_cache_path(recipe.data.cache)
             check_cache_path(_sibling(recipe.data.cache, "test"))
         context.start()
-        if data.smoke:
+        if data.smoke and not reuse_smoke:
             data = _install_smoke_data(context.run, staging / "smoke-data", recipe)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
     cache_dir = context.run.path
-    train_cache = open_cache(recipe.data.cache or cache_dir / "clip-cache-train.h5", data.train_records, recipe.view.cache_short_side)
-    test_cache = open_cache(_sibling(recipe.data.cache, "test") if recipe.data.cache else cache_dir / "clip-cache-test.h5", data.test_records, recipe.view.cache_short_side)
+    train_cache_path = recipe.data.cache or cache_dir / "clip-cache-train.h5"
+    test_cache_path = _sibling(recipe.data.cache, "test") if recipe.data.cache else cache_dir / "clip-cache-test.h5"
+    if distributed.is_main_process():
+        open_cache(train_cache_path, data.train_records, recipe.view.cache_short_side)
+        open_cache(test_cache_path, data.test_records, recipe.view.cache_short_side)
+    distributed.barrier()
+    train_cache = ClipCache(train_cache_path)
+    test_cache = ClipCache(test_cache_path)
     splits = _Splits(train_cache, test_cache, [r.label for r in data.train_records], [r.label for r in data.test_records], len(data.classes))
-    device = distributed.resolve_device(recipe.device)
 
     results: dict[str, dict[str, Any]] = {}
     for init in recipe.inits:

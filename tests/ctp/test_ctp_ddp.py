@@ -1,4 +1,4 @@
-"""ctp-pretrain under torchrun with two gloo processes on CPU.
+"""ctp-pretrain and ctp-evaluate under torchrun with two gloo processes on CPU.
 
 torch's SyncBatchNorm rejects CPU tensors in training mode (torch 2.13
 raises ValueError "SyncBatchNorm expected input tensor to be on GPU ..."
@@ -164,3 +164,35 @@ def test_maybe_sync_batchnorm_by_backend(monkeypatch, caplog, backend, converted
     assert synced == (batchnorms if converted else 0)
     expected = "converting BatchNorm to SyncBatchNorm over 2 processes" if converted else "keeping per-process BatchNorm statistics on the gloo backend"
     assert expected in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_evaluate_with_two_processes(runs, ucf_dataset, tmp_path):
+    videos, splits = ucf_dataset
+    recipe = {
+        "seed": 0,
+        "device": "cpu",
+        "threads": 1,
+        "checkpoint": str(runs["two"] / "backbone.pt"),
+        "data": {"layout": "ucf101", "root": str(videos), "splits": str(splits)},
+        "view": {"num_frames": 8, "stride": 2, "crop_size": 32, "train_sizes": [[32, 40], [36, 44]], "test_size": [32, 40], "test_clips": 2},
+        "finetune": {"train": {"steps": 2, "batch_size": 2, "optimizer": "sgd", "lr": 0.01, "log_every": 1, "checkpoint_every": 0, "progress": False}},
+        "probe": {"recall_at": [1, 2], "max_iter": 20},
+    }
+    recipe_path = tmp_path / "evaluate.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmtk_commands.main", "ctp-evaluate", str(recipe_path), "--out", "run"]
+    result = subprocess.run(command, cwd=tmp_path, env=_environment(), capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()[-4000:]
+
+    out = tmp_path / "run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluate.yaml", "run"]
+    summary = json.loads((out / "summary.json").read_text())
+    for init in ("pretrained", "random"):
+        assert set(summary["results"][init]) == {"finetune", "linear_probe", "retrieval"}
+        assert summary["results"][init]["finetune"]["steps"] == 2
+        state = _final_state(out / f"finetune-{init}")
+        assert state["world_size"] == 2
+    assert len(list((out / "results").iterdir())) == 6
+    assert (out / "log.txt").read_text().count("run ctp-evaluate started in run\n") == 1  # fine-tuning sub-runs log their own folders
