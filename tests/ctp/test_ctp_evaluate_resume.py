@@ -183,3 +183,22 @@ def test_resume_rejects_changed_key(reference_run, evaluate_recipe, tmp_path, cl
     assert key in result.output
     assert (out / "recipe.yaml").read_text() == recipe_before
     assert not (out / "recipe.previous.yaml").exists()
+
+
+def test_resume_with_more_steps_continues_finetuning(reference_run, evaluate_recipe, tmp_path, cli, monkeypatch):
+    reference_out, reference_summary = reference_run
+    out = tmp_path / "copy"
+    shutil.copytree(reference_out, out)
+    probes = CallCounter(monkeypatch, evaluate, "fit_logistic_regression")
+    steps = CallCounter(monkeypatch, evaluate.FinetuneTask, "training_step")
+
+    result = cli("ctp-evaluate", evaluate_recipe, "finetune.train.steps=5", "--out", out, "--resume", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert probes.calls == 0
+    assert steps.calls == 2  # one more step for each initialisation
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for init in ("pretrained", "random"):
+        assert summary["results"][init]["finetune"]["steps"] == 5
+        assert summary["results"][init]["linear_probe"] == reference_summary["results"][init]["linear_probe"]
+        records = [json.loads(line) for line in (out / f"finetune-{init}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
