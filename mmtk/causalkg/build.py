@@ -224,7 +224,8 @@ def write_outputs(context, recipe, network, final_model, bootstrap, data, master
     network.write_graphml(run.file("network.graphml"))
     write_text(run.file("cpts.txt"), "\n\n".join(str(final_model.get_cpds(node)) for node in data.skill_names) + "\n")
 
-    pairs = sorted({tuple(sorted(edge)) for edge in bootstrap.directed_counts}, key=lambda p: -bootstrap.adjacency_frequency(*p))
+    # Ties are ordered by name: set order depends on the string-hash seed, which differs between processes.
+    pairs = sorted({tuple(sorted(edge)) for edge in bootstrap.directed_counts}, key=lambda p: (-bootstrap.adjacency_frequency(*p), p))
     write_json(run.file("bootstrap.json"), {
         "n_resamples": bootstrap.n_resamples,
         "pairs": [{"u": u, "v": v, "frequency": bootstrap.adjacency_frequency(u, v), "u_to_v": bootstrap.direction_frequency(u, v), "v_to_u": bootstrap.direction_frequency(v, u)} for u, v in pairs],

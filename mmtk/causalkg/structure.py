@@ -286,9 +286,14 @@ def map_missing_resamples(task: Callable[[int], Any], n_resamples: int, state: d
         log.info("%d of %d %s resamples are stored, %d to compute", n_resamples - len(missing), n_resamples, store.kind, len(missing))
     try:
         computed = map_resamples(task, missing, state, n_workers, on_result=store.add if store is not None else None)
-    finally:
+    except BaseException:
         if store is not None:
             store.save()
+            done = sum(1 for r in store.results if r < n_resamples)
+            log.warning("stopped with %d of %d %s resamples stored in %s; --resume continues from there", done, n_resamples, store.kind, store.path)
+        raise
+    if store is not None:
+        store.save()
     results = {**stored, **dict(zip(missing, computed))}
     return [results[r] for r in range(n_resamples)]
 
