@@ -193,6 +193,7 @@ def maybe_sync_batchnorm(module: nn.Module) -> nn.Module:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return module
     backend = dist.get_backend()
+    # NOTE: the NCCL branch has run only against a stand-in process group in the tests, not on GPUs.
     if backend == "nccl":
         log.info("converting BatchNorm to SyncBatchNorm over %d processes", dist.get_world_size())
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
