@@ -29,3 +29,13 @@ class StopRequested(MmtkError):
     """The run stopped early on SIGTERM or SIGINT after saving a checkpoint."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived outside a loop that checks a stop flag.
+
+    Derives from BaseException, so library code that catches ``Exception``
+    (for example around an optional import) cannot swallow the stop.
+    """
+
+    exit_code = 1

@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from mmtk.core.errors import InputError, MmtkError, RecipeError, StopRequested
+from mmtk.core.errors import InputError, MmtkError, RecipeError, Terminated
 from mmtk.core.io import to_json
 from mmtk.core.logging import get_logger, setup_logging
 from mmtk.core.recipe import load_recipe
-from mmtk.core.rundir import RunDir, default_run_path
+from mmtk.core.rundir import RunDir, default_run_path, is_main_process
 
 log = get_logger(__name__)
 
@@ -68,7 +68,7 @@ def human_console(options: RunOptions) -> Console:
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise StopRequested("received SIGTERM; stopped without a checkpoint (this step does not save one)")
+    raise Terminated("received SIGTERM; stopped. Results this tool stores as it goes stay in the run folder; continue with --resume where the tool supports it")
 
 
 def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, cleanup: Callable[[], None] | None = None) -> int:
@@ -92,6 +92,9 @@ def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, 
     except MmtkError as exc:
         log.error("%s", exc)
         failure = (exc, exc.exit_code)
+    except Terminated as exc:
+        log.error("%s", exc)
+        failure = (exc, exc.exit_code)
     except KeyboardInterrupt as exc:
         log.error("interrupted")
         failure = (exc, 130)
@@ -104,12 +107,14 @@ def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
+    # Under torchrun every rank runs the command, and one summary is enough.
+    print_json = options.json and is_main_process()
     if failure is not None:
         exc, exit_code = failure
-        if options.json:
+        if print_json:
             _print_json({"error": str(exc) or "interrupted", "error_type": type(exc).__name__, "exit_code": exit_code})
         return exit_code
-    if options.json and summary is not None:
+    if print_json and summary is not None:
         _print_json(summary)
     return 0
 

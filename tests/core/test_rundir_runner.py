@@ -11,7 +11,7 @@ import torch
 from mmtk.core.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from mmtk.core.errors import DataError, InputError
 from mmtk.core.rundir import RunDir
-from mmtk.core.runner import RunOptions, run_tool
+from mmtk.core.runner import RunOptions, run_command, run_tool
 from mmtk.core.seeding import capture_rng_state, restore_rng_state
 
 
@@ -75,6 +75,16 @@ def test_failed_run_prints_one_json_error_object(tmp_path, capsys):
 
     assert _run(tmp_path, out, "fail=crash", json=True) == 1
     assert json.loads(capsys.readouterr().out)["exit_code"] == 1
+
+
+def test_only_rank_zero_prints_json(capsys, monkeypatch):
+    options = RunOptions(json=True)
+    assert run_command(lambda: {"seed": 1}, options) == 0
+    assert json.loads(capsys.readouterr().out) == {"seed": 1}
+
+    monkeypatch.setenv("RANK", "1")
+    assert run_command(lambda: {"seed": 1}, options) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_foreign_nonempty_folder_rejected(tmp_path):
@@ -170,6 +180,24 @@ def test_sigterm_outside_training_exits_1(tmp_path):
     assert run_tool("tiny", Tiny, recipe, [], RunOptions(out=tmp_path / "run"), terminate) == 1
     assert signal.getsignal(signal.SIGTERM) is previous
     assert "received SIGTERM" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_sigterm_not_swallowed_by_except_exception(tmp_path):
+    import os
+    import signal
+
+    def swallow_errors(context):
+        context.start()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Exception:  # noqa: BLE001 - what an optional-import guard in a library does
+            pass
+        return {"finished": True}
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("seed: 1\n")
+    assert run_tool("tiny", Tiny, recipe, [], RunOptions(out=tmp_path / "run"), swallow_errors) == 1
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_negative_seed_and_absent_cuda_exit_2(tmp_path):
