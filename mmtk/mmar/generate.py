@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mmtk.core.logging import get_logger
 from mmtk.mmar.layout import IGNORE_INDEX, SequenceBatch, build_sequences
 from mmtk.mmar.model import MMAR
 from mmtk.mmar.tokens import mask_by_order, masked_counts, random_orders
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -47,6 +50,7 @@ def generate_tokens(model: MMAR, captions: list[list[int]], bos_id: int, eos_id:
     batch = len(captions)
     n, d = config.num_image_tokens, config.token_dim
     guided = settings.cfg_scale != 1.0
+    log.debug("generating %d images of %d tokens: %d iterations, %d steps, cfg %g", batch, n, settings.num_iterations, settings.num_sampling_steps, settings.cfg_scale)
 
     tasks = ["t2i"] * batch
     texts = list(captions)
@@ -83,16 +87,43 @@ def generate_tokens(model: MMAR, captions: list[list[int]], bos_id: int, eos_id:
 
 
 @torch.no_grad()
-def teacher_forced_completion_error(model: MMAR, captions: list[list[int]], tokens: torch.Tensor, bos_id: int, eos_id: int, settings: GenerationSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+def predict_token_means(model: MMAR, z: torch.Tensor, z_uncond: torch.Tensor | None = None, cfg_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return the head's estimate of E[token | z] for conditions z (R, H): tokens (R, D).
+
+    The estimate is x_0 predicted from pure noise at the last training
+    timestep T - 1, where x_t carries almost no signal (alpha about 5e-5 for
+    the cosine schedule with T = 1000). A head trained to convergence outputs
+    the conditional mean there. With ``z_uncond`` and ``cfg_scale`` != 1 the
+    output is guided as in sampling.
+    """
+    from mmtk.nn.diffusion import to_x0_eps
+
+    head, process = model.diffusion.head, model.diffusion.diffusion
+    count, dim = z.shape[0], head.token_dim
+    x_t = torch.randn((count, dim), generator=generator, dtype=z.dtype).to(z.device)  # (R, D)
+    t = torch.full((count,), process.num_steps - 1, dtype=torch.long, device=z.device)
+    output = head(x_t, t, z)[:, :dim]  # the variance half, when the head has one, is not needed
+    if z_uncond is not None and cfg_scale != 1.0:
+        unconditional = head(x_t, t, z_uncond)[:, :dim]
+        output = unconditional + cfg_scale * (output - unconditional)
+    alpha, sigma = process.alpha_sigma(t, x_t)
+    x0, _ = to_x0_eps(x_t, output, alpha, sigma, process.parameterisation)
+    return x0  # (R, D)
+
+
+@torch.no_grad()
+def teacher_forced_completion_error(
+    model: MMAR, captions: list[list[int]], tokens: torch.Tensor, bos_id: int, eos_id: int, settings: GenerationSettings,
+    generator: torch.Generator | None = None, prediction: str = "sample",
+) -> torch.Tensor:
     """Measure how well the model completes real images, iteration by iteration of the unmasking schedule.
 
     Each image starts fully masked in a random order, and iteration k
     reveals the tokens that :func:`generate_tokens` would reveal. The head
-    samples them (guidance, temperature and eta from ``settings``)
-    conditioned on the caption and on the *true* tokens revealed in earlier
-    iterations. The squared error between the samples and the true tokens
-    is recorded, and the true tokens, not the samples, stay revealed
-    (teacher forcing).
+    predicts them conditioned on the caption and on the *true* tokens
+    revealed in earlier iterations. The squared error between the
+    predictions and the true tokens is recorded, and the true tokens, not
+    the predictions, stay revealed (teacher forcing).
     A model that never saw low mask ratios in training shows a high error
     in the last iterations, where almost every token is already known.
 
@@ -101,6 +132,10 @@ def teacher_forced_completion_error(model: MMAR, captions: list[list[int]], toke
         captions: (B,) caption ids without BOS/EOS; an empty list is the unconditional prompt.
         tokens: (B, N, D) true image tokens, scaled as in training.
         settings: sampling settings; ``num_iterations`` sets the schedule.
+        prediction: "sample" draws each token with the diffusion sampler
+            (guidance, temperature and eta from ``settings``), so the error
+            includes the spread of the model's distribution. "mean" uses
+            :func:`predict_token_means`, which has less noise.
 
     Returns:
         (K,) float tensor: the mean squared error per token value of the
@@ -112,6 +147,8 @@ def teacher_forced_completion_error(model: MMAR, captions: list[list[int]], toke
         raise ValueError(f"expected tokens of shape (B, {config.num_image_tokens}, {config.token_dim}), got {tuple(tokens.shape)}")
     if len(captions) != batch:
         raise ValueError(f"got {len(captions)} captions for {batch} images")
+    if prediction not in ("sample", "mean"):
+        raise ValueError(f"unknown prediction {prediction!r}; expected sample or mean")
     device = model.diffusion_pos_embed.device
     tokens = tokens.to(device)
     guided = settings.cfg_scale != 1.0
@@ -139,13 +176,18 @@ def teacher_forced_completion_error(model: MMAR, captions: list[list[int]], toke
             scale = 1.0 + (settings.cfg_scale - 1.0) * (n - remaining) / n
         else:
             scale = settings.cfg_scale
-        sampled = model.diffusion.sample(
-            z[:batch][reveal].float(), z_uncond, cfg_scale=scale,
-            num_sampling_steps=settings.num_sampling_steps, temperature=settings.temperature, eta=settings.eta, generator=generator,
-        )  # (R, D)
-        errors.append(((sampled - tokens[reveal].float()) ** 2).mean())
+        if prediction == "mean":
+            predicted = predict_token_means(model, z[:batch][reveal].float(), z_uncond, scale, generator)  # (R, D)
+        else:
+            predicted = model.diffusion.sample(
+                z[:batch][reveal].float(), z_uncond, cfg_scale=scale,
+                num_sampling_steps=settings.num_sampling_steps, temperature=settings.temperature, eta=settings.eta, generator=generator,
+            )  # (R, D)
+        errors.append(((predicted - tokens[reveal].float()) ** 2).mean())
         mask = next_mask
-    return torch.stack(errors)  # (K,)
+    errors = torch.stack(errors)  # (K,)
+    log.debug("teacher-forced completion of %d images (%s): error per iteration %s", batch, prediction, [round(e, 4) for e in errors.tolist()])
+    return errors
 
 
 @torch.no_grad()
