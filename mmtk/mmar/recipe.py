@@ -72,7 +72,7 @@ class MMARModel:
     head_width: int = param(256, min=8, help="diffusion head width (MAR: 1024)")
     head_depth: int = param(3, min=1, help="diffusion head residual blocks (MAR: 3)")
     pred: Literal["v", "eps", "x0"] = param("v", help="what the head predicts: v (the stable default), eps or x0")
-    learn_sigma: bool = param(False, help="also learn the reverse-step variance (MAR's 2 x token_dim head output, trained with the hybrid loss); DDPM sampling (eta 1) uses it")
+    learn_sigma: bool = param(True, help="also learn the reverse-step variance (MAR's 2 x token_dim head output, trained with the hybrid loss); DDPM sampling (eta 1) uses it")
     diffusion_steps: int = param(1000, min=2, help="training timesteps of the cosine schedule")
     diffusion_batch_mul: int = param(4, min=1, help="noise draws per token per step")
     image_attention: Literal["bidirectional", "causal"] = param("bidirectional", help="attention among the image tokens")
