@@ -113,10 +113,13 @@ def check_target(network: CausalKnowledgeNetwork, target: str) -> None:
 
 
 def skills_to_learn(graph: nx.DiGraph, mastered: set[str], target: str) -> list[str]:
-    """Return the target's unmastered causal ancestors plus the target, in topological order."""
-    wanted = {a for a in nx.ancestors(graph, target) if a not in mastered}
-    if target not in mastered:
-        wanted.add(target)
+    """Return the target's unmastered causal ancestors plus the target, in topological order.
+
+    Returns an empty list when the target is mastered, whatever its ancestors.
+    """
+    if target in mastered:
+        return []
+    wanted = {a for a in nx.ancestors(graph, target) if a not in mastered} | {target}
     return [s for s in nx.lexicographical_topological_sort(graph) if s in wanted]
 
 
