@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import numpy as np
 
 from mmtk.core.errors import DataError
 from mmtk.core.io import atomic_path, write_json
@@ -106,23 +107,135 @@ class CausalKnowledgeNetwork:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read network file {path}: {exc}.") from exc
+            hint = " network.graphml and other exports cannot be read back." if path.suffix.lower() != ".json" else " The file is truncated or was edited; rebuild it."
+            raise DataError(f"cannot read network file {path} as JSON ({exc}). Pass the network.json written by 'mmtk build-causal-kg' or its run folder.{hint}") from exc
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise DataError(f"{path} is not a causal knowledge network (schema {found!r}, expected {SCHEMA!r}). Pass the network.json written by 'mmtk build-causal-kg'.")
-        try:
-            return cls(
-                skills=data["skills"],
-                edges=data["edges"],
-                dropped_edges=data["dropped_edges"],
-                cpds=data["cpds"],
-                mastery_model=data["mastery_model"],
-                mastery_threshold=float(data["mastery_threshold"]),
-                settings=data.get("settings", {}),
-            )
-        except KeyError as exc:
-            raise DataError(f"network file {path} lacks the key {exc}; it is truncated or was edited. Rebuild it with 'mmtk build-causal-kg'.") from exc
+        network = _network_from_dict(data, path)
+        _check_network(network, path)
+        return network
 
+
+def _network_from_dict(data: dict[str, Any], path: Path) -> CausalKnowledgeNetwork:
+    missing = [key for key in ("skills", "edges", "dropped_edges", "cpds", "mastery_model", "mastery_threshold") if key not in data]
+    if missing:
+        raise DataError(f"network file {path} lacks the key(s) {', '.join(missing)}; it is truncated or was edited. Rebuild it with 'mmtk build-causal-kg'.")
+    for key, kind in (("skills", list), ("edges", list), ("dropped_edges", list), ("cpds", dict), ("mastery_model", dict)):
+        if not isinstance(data[key], kind):
+            raise DataError(f"network file {path}: '{key}' is a {type(data[key]).__name__}, expected a {kind.__name__}. Rebuild it with 'mmtk build-causal-kg'.")
+    threshold = data["mastery_threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+        raise DataError(f"network file {path}: mastery_threshold {threshold!r} must be a number in (0, 1], the P(mastered) at or above which a skill counts as mastered.")
+    return CausalKnowledgeNetwork(
+        skills=data["skills"],
+        edges=data["edges"],
+        dropped_edges=data["dropped_edges"],
+        cpds=data["cpds"],
+        mastery_model=data["mastery_model"],
+        mastery_threshold=float(threshold),
+        settings=data.get("settings", {}),
+    )
+
+
+# Largest deviation from 1 accepted for a column sum of a conditional probability table (JSON keeps 17 digits).
+CPD_SUM_TOLERANCE = 1e-6
+
+
+def _check_network(network: CausalKnowledgeNetwork, path: Path) -> None:
+    """Raise DataError unless skills, edges, tables and mastery model of ``network`` agree.
+
+    Every skill must be a record with a unique name, and every edge must join
+    two known skills. The edges must equal the parents listed in the tables
+    and form an acyclic graph. Every skill needs one 0/1 table whose columns
+    sum to 1, and the mastery model must rebuild with one Q-matrix column per
+    skill.
+    """
+    rebuild = "Rebuild it with 'mmtk build-causal-kg'."
+    names = []
+    for index, skill in enumerate(network.skills):
+        if not isinstance(skill, dict) or not isinstance(skill.get("name"), str) or not skill["name"]:
+            raise DataError(f"network file {path}: skills entry {index + 1} ({skill!r}) is not a record with a 'name' string. {rebuild}")
+        names.append(skill["name"])
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"network file {path}: skill {duplicate!r} is listed twice. {rebuild}")
+    known = set(names)
+
+    edges = set()
+    for index, edge in enumerate(network.edges):
+        if not isinstance(edge, dict) or not isinstance(edge.get("parent"), str) or not isinstance(edge.get("child"), str):
+            raise DataError(f"network file {path}: edges entry {index + 1} ({edge!r}) is not a record with 'parent' and 'child' strings. {rebuild}")
+        unknown = [s for s in (edge["parent"], edge["child"]) if s not in known]
+        if unknown:
+            raise DataError(f"network file {path}: edge {edge['parent']} -> {edge['child']} names the unknown skill {unknown[0]!r}; the skills are {', '.join(names)}. {rebuild}")
+        edges.add((edge["parent"], edge["child"]))
+    graph = nx.DiGraph(list(edges))
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle_edges = nx.find_cycle(graph)
+        cycle = " -> ".join([u for u, _ in cycle_edges] + [cycle_edges[0][0]])
+        raise DataError(f"network file {path}: the edges form the cycle {cycle}; a causal knowledge network must be acyclic. {rebuild}")
+
+    missing = [n for n in names if n not in network.cpds]
+    extra = [n for n in network.cpds if n not in known]
+    if missing or extra:
+        problem = f"no conditional probability table for {', '.join(missing)}" if missing else f"a table for the unknown skill(s) {', '.join(map(str, extra))}"
+        raise DataError(f"network file {path} has {problem}; 'cpds' needs one table per skill. {rebuild}")
+    table_edges = set()
+    for name in names:
+        table_edges |= _check_table(name, network.cpds[name], known, path)
+    if table_edges != edges:
+        difference = sorted(edges ^ table_edges)
+        parent, child = difference[0]
+        where = "edges list but not in the table parents" if (parent, child) in edges else "table parents of " + child + " but not in the edges list"
+        raise DataError(f"network file {path}: edge {parent} -> {child} is in the {where} ({len(difference)} such edge(s)); 'edges' must match the parents in 'cpds'. {rebuild}")
+
+    from mmtk.causalkg.mastery import mastery_model_from_parameters
+
+    try:
+        model = mastery_model_from_parameters(network.mastery_model)
+        n_items, n_skills = model.q_matrix.shape
+        sizes = {key: len(network.mastery_model[key]) for key in ("slip", "guess") if key in network.mastery_model}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"network file {path}: the mastery_model is incomplete or malformed ({type(exc).__name__}: {exc}). {rebuild}") from exc
+    if n_skills != len(names):
+        raise DataError(f"network file {path}: the mastery model's Q-matrix has {n_skills} skill columns but the network has {len(names)} skills. {rebuild}")
+    for key, size in sizes.items():
+        if size != n_items:
+            raise DataError(f"network file {path}: mastery_model.{key} has {size} values but its Q-matrix has {n_items} items. {rebuild}")
+    prior = network.mastery_model.get("profile_prior")
+    if prior is not None and len(prior) != 2**n_skills:
+        raise DataError(f"network file {path}: mastery_model.profile_prior has {len(prior)} values but {n_skills} skills have {2**n_skills} profiles. {rebuild}")
+
+
+def _check_table(name: str, table: Any, known: set[str], path: Path) -> set[tuple[str, str]]:
+    """Raise DataError unless ``table`` is a 0/1 table of ``name`` whose columns sum to 1; return its parent edges."""
+    rebuild = "Rebuild it with 'mmtk build-causal-kg'."
+    if not isinstance(table, dict) or not isinstance(table.get("parents"), list) or not isinstance(table.get("states"), dict) or "values" not in table:
+        raise DataError(f"network file {path}: the table of {name} lacks 'parents', 'states' or 'values'. {rebuild}")
+    parents = table["parents"]
+    unknown = [p for p in parents if p not in known]
+    if unknown:
+        raise DataError(f"network file {path}: the table of {name} names the unknown parent {unknown[0]!r}. {rebuild}")
+    for variable in (name, *parents):
+        if table["states"].get(variable) != [0, 1]:
+            raise DataError(f"network file {path}: the table of {name} gives the states of {variable} as {table['states'].get(variable)!r}; expected [0, 1]. {rebuild}")
+    try:
+        values = np.asarray(table["values"], dtype=np.float64)  # (2, 2^parents)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"network file {path}: the table of {name} contains a value that is not a number ({exc}). {rebuild}") from exc
+    expected = (2, 2 ** len(parents))
+    if values.shape != expected:
+        raise DataError(f"network file {path}: the table of {name} has shape {values.shape}; with {len(parents)} parent(s) it needs {expected}. {rebuild}")
+    outside = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if outside.any():
+        state, column = np.argwhere(outside)[0]
+        raise DataError(f"network file {path}: the table of {name} contains {values[state, column]:g} in row {state + 1}, column {column + 1}; probabilities must lie in [0, 1]. {rebuild}")
+    sums = values.sum(axis=0)  # (2^parents,)
+    worst = int(np.argmax(np.abs(sums - 1.0)))
+    if abs(sums[worst] - 1.0) > CPD_SUM_TOLERANCE:
+        raise DataError(f"network file {path}: column {worst + 1} of the table of {name} sums to {sums[worst]:.6g}; every column of P({name} | parents) must sum to 1. {rebuild}")
+    return {(p, name) for p in parents}
 
 def draw_network(network: CausalKnowledgeNetwork, path: Path, title: str = "") -> Path:
     """Draw the network for a teacher: prerequisites to the left, arrows labelled with effect and bootstrap frequency.
