@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         options = run_options(None, False, None, None, verbose, quiet)
 
         def body() -> dict:
-            files = download(destination, url or FRCSUB_BASE_URL, force=force)
+            files = download(destination, FRCSUB_BASE_URL if url is None else url, force=force)
             return {"files": [str(f) for f in files]}
 
         finish(run_command(body, options))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,12 @@ MISSING_TOKENS = {"", "na", "nan", "."}
 
 # DINA enumerates all 2^K skill profiles, so K is bounded.
 MAX_SKILLS = 14
+
+# URL schemes that urllib opens without extra handlers.
+URL_SCHEMES = ("http", "https", "ftp", "file")
+
+# Columns of a skills CSV.
+SKILL_TABLE_COLUMNS = ("name", "skill", "description")
 
 # FrcSub as published in the MIT-licensed GitHub repository TerryPei/AGCDM at
 # commit 790d93c7 (byte-for-byte the files of Tatsuoka's fraction-subtraction
@@ -182,10 +189,24 @@ def read_skill_table(path: Path) -> tuple[list[str] | None, list[str]]:
     """
     if not path.is_file():
         raise DataError(f"skills file not found: {path}. Check the path or leave data.skills unset.")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = [c.strip() for c in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read skills file {path} as UTF-8 CSV ({exc}). Save it as a UTF-8 CSV with a header such as 'skill,description'.") from exc
     if not rows:
         raise DataError(f"skills file {path} has no rows; it needs a header such as 'skill,description' and one row per Q-matrix column.")
+    if not any(c in SKILL_TABLE_COLUMNS for c in columns):
+        raise DataError(f"skills file {path} has none of the accepted columns {', '.join(SKILL_TABLE_COLUMNS)} (header: {', '.join(map(repr, columns))}). Rename the header.")
+    ignored = [c for c in columns if c not in SKILL_TABLE_COLUMNS]
+    if ignored:
+        log.info("skills file %s: ignoring column(s) %s", path, ", ".join(ignored))
+    for index, row in enumerate(rows):
+        if None in row or any(value is None for value in row.values()):
+            raise DataError(f"skills file {path}: line {index + 2} does not have one cell per header column ({len(columns)}). Fix that line; quote descriptions that contain commas.")
+    rows = [{key.strip(): value for key, value in row.items()} for row in rows]
     names = None
     if "name" in rows[0]:
         names = [row["name"].strip() for row in rows]
@@ -198,7 +219,11 @@ def read_skill_table(path: Path) -> tuple[list[str] | None, list[str]]:
 # --------------------------------------------------------------- validation
 
 
-def _check_binary(matrix: np.ndarray, path: Path, what: str, allow_missing: bool) -> None:
+def _check_binary(matrix: np.ndarray, path: Path | str, what: str, allow_missing: bool) -> None:
+    infinite = np.isinf(matrix)
+    if infinite.any():
+        row, column = np.argwhere(infinite)[0]
+        raise DataError(f"{what} {path} contains {matrix[row, column]:g} in row {row + 1}, column {column + 1} ({int(infinite.sum())} infinite values in all). Use 0, 1{' or NA for a missing value' if allow_missing else ''}.")
     finite = np.isfinite(matrix)
     if not allow_missing and not finite.all():
         row, column = np.argwhere(~finite)[0]
@@ -209,9 +234,18 @@ def _check_binary(matrix: np.ndarray, path: Path, what: str, allow_missing: bool
         raise DataError(f"{what} {path} must be binary (0 or 1{', or missing' if allow_missing else ''}), but row {row + 1}, column {column + 1} holds {matrix[row, column]:g} ({int(bad.sum())} non-binary values in all). Recode it to 0/1.")
 
 
+def check_responses(responses: np.ndarray, path: Path | str) -> None:
+    """Raise DataError unless ``responses`` contains only 0, 1 or NaN and every student answered an item."""
+    _check_binary(responses, path, "response matrix", allow_missing=True)
+    unanswered = np.flatnonzero(~np.isfinite(responses).any(axis=1))
+    if unanswered.size:
+        rows = ", ".join(str(int(i) + 1) for i in unanswered[:5])
+        raise DataError(f"response matrix {path}: student row(s) {rows} answered no item ({unanswered.size} in all). Remove those rows.")
+
+
 def validate(responses: np.ndarray, q_matrix: np.ndarray, responses_path: Path, q_path: Path) -> None:
     """Raise DataError unless the responses and Q-matrix fit the DINA model."""
-    _check_binary(responses, responses_path, "response matrix", allow_missing=True)
+    check_responses(responses, responses_path)
     _check_binary(q_matrix, q_path, "Q-matrix", allow_missing=False)
 
     if q_matrix.shape[0] != responses.shape[1]:
@@ -227,11 +261,6 @@ def validate(responses: np.ndarray, q_matrix: np.ndarray, responses_path: Path, 
     if skill_free.size:
         rows = ", ".join(str(int(j) + 1) for j in skill_free)
         raise DataError(f"Q-matrix {q_path}: item row(s) {rows} need no skill. Tag each item with at least one skill or drop it from both files.")
-
-    unanswered = np.flatnonzero(~np.isfinite(responses).any(axis=1))
-    if unanswered.size:
-        rows = ", ".join(str(int(i) + 1) for i in unanswered[:5])
-        raise DataError(f"response matrix {responses_path}: student row(s) {rows} answered no item ({unanswered.size} in all). Remove those rows.")
 
 
 def load_response_data(
@@ -303,6 +332,17 @@ def _fetch_bytes(url: str, timeout_s: float = 60.0) -> bytes:
         return response.read()
 
 
+def check_base_url(base_url: str) -> None:
+    """Raise InputError unless ``base_url`` is a non-empty URL with a scheme, such as https:// or file://."""
+    if not base_url.strip():
+        raise InputError("--url is empty. Pass the URL of the folder that contains data.txt and q.txt, or omit --url to use the AGCDM GitHub copy.")
+    scheme = urllib.parse.urlsplit(base_url).scheme
+    if not scheme:
+        raise InputError(f"--url {base_url!r} is not a URL (no scheme). Pass an http://, https:// or file:// URL, for example {Path('/data/frcsub').as_uri()}/.")
+    if scheme.lower() not in URL_SCHEMES:
+        raise InputError(f"--url {base_url!r} has the unsupported scheme {scheme!r}. Pass an http://, https://, ftp:// or file:// URL.")
+
+
 def download_frcsub(
     destination: Path,
     base_url: str = FRCSUB_BASE_URL,
@@ -319,6 +359,10 @@ def download_frcsub(
     """
     if destination.exists() and not destination.is_dir():
         raise InputError(f"download destination {destination} is a file, not a folder. Pass a folder path.")
+    blocking = next((p for p in destination.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"download destination {destination} cannot be created because {blocking} is a file, not a folder. Pass a folder path.")
+    check_base_url(base_url)
     if not base_url.endswith("/"):
         base_url += "/"
 
@@ -328,7 +372,12 @@ def download_frcsub(
         log.info("downloading %s", url)
         try:
             payload = fetch(url)
+        except ValueError as exc:
+            raise InputError(f"invalid download URL {url!r}: {exc}. Pass --url as an http://, https:// or file:// URL of the folder that contains data.txt and q.txt.") from exc
         except OSError as exc:
+            if urllib.parse.urlsplit(url).scheme == "file":
+                local = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+                raise DataError(f"cannot read {local} (from {url}): {exc}. Check that --url names the local folder that contains data.txt and q.txt.") from exc
             raise MmtkError(f"download of {url} failed: {exc}. Check the network connection or pass another --url.") from exc
         digest = hashlib.sha256(payload).hexdigest()
         if digest != expected:

@@ -18,7 +18,7 @@ from mmtk.core.errors import DataError, InputError
 from mmtk.core.io import atomic_path, write_json, write_text
 from mmtk.core.logging import get_logger
 from mmtk.core.runner import RunContext
-from mmtk.causalkg.data import read_matrix
+from mmtk.causalkg.data import check_responses, read_matrix
 from mmtk.causalkg.effects import quiet_pgmpy
 from mmtk.causalkg.mastery import mastery_model_from_parameters
 from mmtk.causalkg.network import CausalKnowledgeNetwork
@@ -33,26 +33,48 @@ def _mastery_from_responses(network: CausalKnowledgeNetwork, responses: np.ndarr
     n_items = model.q_matrix.shape[0]
     if responses.shape[1] != n_items:
         raise DataError(f"{where} has {responses.shape[1]} responses per student but the network's mastery model has {n_items} items.")
-    finite = np.isfinite(responses)
-    if np.any(finite & (responses != 0) & (responses != 1)):
-        raise DataError(f"{where} must contain only 0, 1 or missing responses.")
+    check_responses(responses, where)
     return model.mastery_probabilities(responses)  # (N, K)
 
 
 def _read_mastery_csv(path: Path, skills: list[str]) -> tuple[list[str], np.ndarray]:
+    """Read a CSV of P(mastered) with a header of skill names and an optional ``student`` column.
+
+    A skill without a column, or an empty cell, counts as 0. Messages give
+    line numbers of the file (the header is line 1).
+    """
     if not path.is_file():
         raise DataError(f"students file not found: {path}. Check the path.")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [cell.strip() for cell in next(reader, [])]
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read mastery file {path} as UTF-8 CSV ({exc}). student.file_kind=mastery expects a CSV whose header names the skills; use student.file_kind=responses for a response matrix.") from exc
     if not rows:
         raise DataError(f"mastery file {path} has no rows; it needs a header naming the skills and one row per student.")
-    unknown = [c for c in rows[0] if c not in skills and c != "student"]
+    unknown = [c for c in header if c not in skills and c != "student"]
     if unknown:
-        raise DataError(f"mastery file {path} names unknown skill(s) {', '.join(unknown)}; the network's skills are {', '.join(skills)}.")
-    values = np.array([[float(row.get(s) or 0.0) for s in skills] for row in rows])
-    if np.any(~np.isfinite(values)) or np.any((values < 0) | (values > 1)):
-        raise DataError(f"mastery file {path} must hold probabilities between 0 and 1.")
-    names = [row.get("student") or f"student-{i + 1}" for i, row in enumerate(rows)]
+        raise DataError(f"mastery file {path} names unknown skill(s) {', '.join(map(repr, unknown))}; the network's skills are {', '.join(skills)}.")
+    if not any(c in skills for c in header):
+        raise DataError(f"mastery file {path} has no skill column (header: {', '.join(header)}); name one or more of the network's skills {', '.join(skills)} in the header.")
+
+    values = np.zeros((len(rows), len(skills)))  # (N, K)
+    for index, (line, row) in enumerate(rows):
+        if len(row) != len(header):
+            raise DataError(f"mastery file {path}: line {line} has {len(row)} cells but the header has {len(header)}. Give one cell per header column.")
+        for column, cell in zip(header, row):
+            if column == "student" or not cell.strip():
+                continue
+            try:
+                value = float(cell)
+            except ValueError:
+                raise DataError(f"mastery file {path}: line {line}, skill {column} contains {cell.strip()!r}, which is not a number. Give P(mastered) between 0 and 1.") from None
+            if not 0.0 <= value <= 1.0:
+                raise DataError(f"mastery file {path}: line {line}, skill {column} contains {cell.strip()}; P(mastered) must be between 0 and 1.")
+            values[index, skills.index(column)] = value
+    names = [(row[header.index("student")].strip() if "student" in header else "") or f"student-{i + 1}" for i, (_, row) in enumerate(rows)]
     return names, values
 
 
