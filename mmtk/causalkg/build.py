@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtk.core.errors import InputError
+from mmtk.core.errors import DataError, InputError
 from mmtk.core.hdf5 import write_datasets
 from mmtk.core.io import write_json, write_text
 from mmtk.core.logging import get_logger
@@ -47,11 +47,19 @@ MASTERY_SCHEMA = "mmtk.causal-kg.mastery/1"
 # number of worker processes does not change any result.
 RESUMABLE_KEYS = frozenset({"resamples", "workers"})
 
+# Fewest students a build accepts, the same as the minimum of
+# data.simulated_students. Structure learning and bootstrap intervals on
+# fewer students carry no information, and pgmpy fails outright on one.
+MIN_STUDENTS = 10
+
 
 def load_data(recipe: BuildRecipe) -> ResponseData:
     """Read the recipe's data, or simulate it; raise InputError on invalid input."""
     section = recipe.data
     if section.source == "simulated":
+        given = [f"data.{key}" for key in ("responses", "q_matrix", "skills") if getattr(section, key) is not None]
+        if given:
+            raise InputError(f"data.source=simulated draws its own students, so {', '.join(given)} would be ignored. Set data.source=files to read them, or set {' '.join(f'{key}=null' for key in given)}.")
         cohort = simulate_cohort(section.simulated_students, recipe.seed)
         names = section.skill_names or cohort.skills
         if len(names) != len(cohort.skills):
@@ -59,7 +67,10 @@ def load_data(recipe: BuildRecipe) -> ResponseData:
         return ResponseData(cohort.responses, cohort.q_matrix, list(names), [""] * len(names), "simulated arithmetic network")
     if section.responses is None:
         raise InputError("data.responses is not set. Pass the response file or FrcSub folder, for example data.responses=data/frcsub (get FrcSub with mmtk download-frcsub data/frcsub).")
-    return load_response_data(section.responses, section.q_matrix, section.skills, section.skill_names or None)
+    data = load_response_data(section.responses, section.q_matrix, section.skills, section.skill_names or None)
+    if data.n_students < MIN_STUDENTS:
+        raise DataError(f"response matrix {data.source} has {data.n_students} student row(s); building a network needs at least {MIN_STUDENTS}. Use the responses of more students.")
+    return data
 
 
 def structure_settings(recipe: BuildRecipe, skills: list[str]) -> StructureSettings:
@@ -96,7 +107,9 @@ def with_rate_order(settings: StructureSettings, skills: list[str], rates: np.nd
     for a, rate_a in zip(skills, rates):
         for b, rate_b in zip(skills, rates):
             ordered = a in tier and b in tier and tier[a] != tier[b]
-            if rate_a < rate_b and (a, b) not in required and not ordered:
+            if rate_a < rate_b and (a, b) in required:
+                log.warning("required edge %s -> %s kept although orient_by_mastery_rate would forbid it (%s is mastered by %.2f of the students, %s by %.2f)", a, b, a, rate_a, b, rate_b)
+            elif rate_a < rate_b and not ordered:
                 added.append((a, b))
     log.info("orient_by_mastery_rate forbids %d edges; skills by mastery rate: %s", len(added), ", ".join(f"{s} {r:.2f}" for s, r in sorted(zip(skills, rates), key=lambda p: -p[1])))
     return dataclasses.replace(settings, forbidden=[*settings.forbidden, *added])
@@ -105,7 +118,7 @@ def with_rate_order(settings: StructureSettings, skills: list[str], rates: np.nd
 def fit_mastery(recipe: BuildRecipe, data: ResponseData) -> tuple[MasteryModel, np.ndarray]:
     """Fit the mastery model; return it and P(mastered) (students x skills)."""
     if recipe.mastery.model == "dina":
-        model: MasteryModel = DINA(max_iter=recipe.mastery.max_iter, tol=recipe.mastery.tol)
+        model: MasteryModel = DINA(max_iter=recipe.mastery.max_iter, tol=recipe.mastery.tol, prior_smoothing=recipe.mastery.prior_smoothing)
     else:
         model = MASTERY_MODELS[recipe.mastery.model]()
     model.fit(data.responses, data.q_matrix)

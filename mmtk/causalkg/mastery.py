@@ -60,7 +60,13 @@ class MasteryModel(ABC):
 
 
 class DINA(MasteryModel):
-    """DINA model fitted by marginal maximum likelihood with EM over all 2^K profiles.
+    """DINA model fitted with EM over all 2^K profiles.
+
+    With ``prior_smoothing`` 0 this is marginal maximum likelihood. A positive
+    value adds that pseudo-count to every profile's expected count in the
+    M-step, which is the MAP estimate of the profile prior under a symmetric
+    Dirichlet(1 + prior_smoothing) prior. Slip and guess are clipped to
+    [1e-4, 1 - 1e-4] after every M-step, so no response has probability 0.
 
     Args:
         max_iter: maximum EM iterations (default 500).
@@ -68,7 +74,7 @@ class DINA(MasteryModel):
         init_slip, init_guess: starting values of every s_j and g_j (default 0.2).
         prior_smoothing: pseudo-count added to each profile's count when
             updating the profile prior (default 0.01), so no profile gets
-            probability 0.
+            probability 0; 0 gives the maximum-likelihood update.
     """
 
     name = "dina"
@@ -100,7 +106,10 @@ class DINA(MasteryModel):
         return correct @ np.log(p_correct) + (observed - correct) @ np.log1p(-p_correct)  # (N, C)
 
     def _posterior(self, responses: np.ndarray, eta: np.ndarray) -> tuple[np.ndarray, float]:
-        joint = self._profile_log_likelihood(responses, eta) + np.log(self.profile_prior)[None, :]  # (N, C)
+        # Without smoothing a profile's prior can reach 0, whose log is -inf; such a profile gets posterior 0.
+        with np.errstate(divide="ignore"):
+            log_prior = np.log(self.profile_prior)  # (C,)
+        joint = self._profile_log_likelihood(responses, eta) + log_prior[None, :]  # (N, C)
         evidence = _log_sum_exp(joint, axis=1)  # (N, 1)
         return np.exp(joint - evidence), float(evidence.sum())
 
@@ -123,6 +132,7 @@ class DINA(MasteryModel):
         observed = np.isfinite(responses).astype(np.float64)  # (N, J)
         correct = np.where(observed > 0, responses, 0.0)  # (N, J)
         previous = -np.inf
+        converged = False
         for iteration in range(1, self.max_iter + 1):
             # E-step: posterior over profiles for every student.
             posterior, log_likelihood = self._posterior(responses, eta)  # (N, C)
@@ -142,12 +152,14 @@ class DINA(MasteryModel):
             self.n_iter = iteration
             self.log_likelihood = log_likelihood
             if log_likelihood - previous < self.tol:
+                converged = True
                 break
             previous = log_likelihood
-        else:
-            log.warning("DINA EM stopped after max_iter=%d iterations without converging (last gain %.3g nats)", self.max_iter, log_likelihood - previous)
 
+        # The log-likelihood of the last M-step's parameters; its gain over the last E-step shows how far EM was from converging.
         _, self.log_likelihood = self._posterior(responses, eta)
+        if not converged:
+            log.warning("DINA EM stopped after max_iter=%d iterations without converging: the last iteration raised the log-likelihood by %.3g nats (tol %.3g). Raise mastery.max_iter.", self.max_iter, self.log_likelihood - log_likelihood, self.tol)
         log.info("DINA fitted in %d EM iterations, log-likelihood %.2f", self.n_iter, self.log_likelihood)
         return self
 

@@ -25,6 +25,7 @@ class MasterySection:
     threshold: float = param(0.8, min=0.0, max=1.0, min_exclusive=True, help="P(mastered) at or above which a skill counts as mastered")
     max_iter: int = param(500, min=1, help="maximum DINA EM iterations")
     tol: float = param(1e-6, min=0.0, min_exclusive=True, help="DINA EM stops when the log-likelihood gains less (nats)")
+    prior_smoothing: float = param(0.01, min=0.0, help="pseudo-count added to every skill profile's expected count when DINA updates the profile prior (0 = maximum likelihood)")
 
 
 @dataclass
@@ -49,7 +50,7 @@ class BootstrapSection:
 
 @dataclass
 class EffectsSection:
-    min_effect: float = param(0.05, help="drop edges whose causal effect (ACE) is below this value")
+    min_effect: float = param(0.05, min=0.0, max=1.0, help="drop edges whose causal effect (ACE, a difference of two probabilities) is below this value")
     confidence: float = param(0.95, min=0.0, max=1.0, min_exclusive=True, help="level of the bootstrap percentile interval of each effect")
     equivalent_sample_size: float = param(5.0, min=0.0, min_exclusive=True, help="BDeu equivalent sample size of the conditional probability tables")
 
