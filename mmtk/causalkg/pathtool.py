@@ -57,6 +57,9 @@ def _read_mastery_csv(path: Path, skills: list[str]) -> tuple[list[str], np.ndar
     unknown = [c for c in header if c not in skills and c != "student"]
     if unknown:
         raise DataError(f"mastery file {path} names unknown skill(s) {', '.join(map(repr, unknown))}; the network's skills are {', '.join(skills)}.")
+    duplicates = sorted({c for c in header if header.count(c) > 1})
+    if duplicates:
+        raise DataError(f"mastery file {path} names the column(s) {', '.join(map(repr, duplicates))} more than once in its header. Keep one column per skill.")
     if not any(c in skills for c in header):
         raise DataError(f"mastery file {path} has no skill column (header: {', '.join(header)}); name one or more of the network's skills {', '.join(skills)} in the header.")
 

@@ -104,7 +104,7 @@ def test_recommend_cli_mastered_target_gives_empty_path(cli, network_file, tmp_p
 # ---------------------------------------------------- build: response data
 
 
-def test_build_rejects_inf_response_in_text(cli, cohort, cohort_files, tmp_path, caplog):
+def test_build_rejects_inf_response_in_text(cli, cohort, cohort_files, tmp_path):
     responses, q_matrix = cohort_files
     matrix = cohort.responses.copy()
     matrix[4, 6] = np.inf
@@ -112,11 +112,11 @@ def test_build_rejects_inf_response_in_text(cli, cohort, cohort_files, tmp_path,
     out = tmp_path / "run"
     result = cli("build-causal-kg", "frcsub", f"data.responses={responses}", f"data.q_matrix={q_matrix}", "--out", out)
     assert result.exit_code == 2
-    assert "contains inf in row 5, column 7" in caplog.text
+    assert "contains inf in row 5, column 7" in result.output
     assert not out.exists()
 
 
-def test_build_rejects_minus_inf_response_in_hdf5(cli, cohort, tmp_path, caplog):
+def test_build_rejects_minus_inf_response_in_hdf5(cli, cohort, tmp_path):
     matrix = cohort.responses.copy()
     matrix[2, 0] = -np.inf
     path = tmp_path / "r.h5"
@@ -126,18 +126,18 @@ def test_build_rejects_minus_inf_response_in_hdf5(cli, cohort, tmp_path, caplog)
     out = tmp_path / "run"
     result = cli("build-causal-kg", "frcsub", f"data.responses={path}", "--out", out)
     assert result.exit_code == 2
-    assert "contains -inf in row 3, column 1" in caplog.text
+    assert "contains -inf in row 3, column 1" in result.output
     assert not out.exists()
 
 
-def test_build_rejects_too_few_students(cli, cohort, cohort_files, tmp_path, caplog):
+def test_build_rejects_too_few_students(cli, cohort, cohort_files, tmp_path):
     responses, q_matrix = cohort_files
     write_matrix(responses, cohort.responses[:1])
     out = tmp_path / "run"
     result = cli("build-causal-kg", "frcsub", f"data.responses={responses}", f"data.q_matrix={q_matrix}", "--out", out)
     assert result.exit_code == 2
-    assert "has 1 student row(s)" in caplog.text
-    assert "at least 10" in caplog.text
+    assert "has 1 student row(s)" in result.output
+    assert "at least 10" in result.output
     assert not out.exists()
 
 
@@ -148,15 +148,15 @@ def test_build_rejects_too_few_students(cli, cohort, cohort_files, tmp_path, cap
         (b"foo,bar\n1,2\n", "none of the accepted columns name, skill, description"),
     ],
 )
-def test_build_rejects_bad_skills_file(cli, cohort_files, tmp_path, caplog, content, message):
+def test_build_rejects_bad_skills_file(cli, cohort_files, tmp_path, content, message):
     responses, q_matrix = cohort_files
     skills = tmp_path / "skills.csv"
     skills.write_bytes(content)
     out = tmp_path / "run"
     result = cli("build-causal-kg", "frcsub", f"data.responses={responses}", f"data.q_matrix={q_matrix}", f"data.skills={skills}", "--out", out)
     assert result.exit_code == 2
-    assert message in caplog.text
-    assert str(skills) in caplog.text
+    assert message in result.output
+    assert str(skills) in result.output
     assert not out.exists()
 
 
@@ -172,22 +172,22 @@ def test_skills_file_with_bom_and_extra_column(cli, cohort_files, tmp_path):
     assert data.skill_descriptions[2] == "skill 3"
 
 
-def test_build_rejects_simulated_source_with_responses(cli, cohort_files, tmp_path, caplog):
+def test_build_rejects_simulated_source_with_responses(cli, cohort_files, tmp_path):
     responses, _ = cohort_files
     out = tmp_path / "run"
     result = cli("build-causal-kg", "simulated", f"data.responses={responses}", "--out", out)
     assert result.exit_code == 2
-    assert "data.source=simulated" in caplog.text
-    assert "data.responses=null" in caplog.text
+    assert "data.source=simulated" in result.output
+    assert "data.responses=null" in result.output
     assert not out.exists()
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])
-def test_build_rejects_min_effect_out_of_range(cli, tmp_path, caplog, value):
+def test_build_rejects_min_effect_out_of_range(cli, tmp_path, value):
     out = tmp_path / "run"
     result = cli("build-causal-kg", "simulated", f"effects.min_effect={value}", "--out", out)
     assert result.exit_code == 2
-    assert "effects.min_effect" in caplog.text
+    assert "effects.min_effect" in result.output
     assert not out.exists()
 
 
@@ -213,7 +213,14 @@ def test_prior_smoothing_recipe_key_reaches_dina(cli, tmp_path):
     assert mle != smoothed
 
 
-def test_max_iter_warning_gives_last_gain(cohort, caplog):
+@pytest.fixture()
+def mmtk_log(caplog, monkeypatch):
+    """caplog that also sees mmtk's records after a CLI call has set propagate=False on the mmtk logger."""
+    monkeypatch.setattr(logging.getLogger("mmtk"), "propagate", True)
+    return caplog
+
+
+def test_max_iter_warning_gives_last_gain(cohort, mmtk_log):
     start = DINA(max_iter=1)
     start.q_matrix = np.asarray(cohort.q_matrix)
     start.slip = np.full(cohort.q_matrix.shape[0], start.init_slip)
@@ -221,19 +228,19 @@ def test_max_iter_warning_gives_last_gain(cohort, caplog):
     start.profile_prior = np.full(2 ** cohort.q_matrix.shape[1], 2.0 ** -cohort.q_matrix.shape[1])
     _, initial = start._posterior(cohort.responses, start._eta())
 
-    with caplog.at_level(logging.WARNING):
+    with mmtk_log.at_level(logging.WARNING):
         model = DINA(max_iter=1).fit(cohort.responses, cohort.q_matrix)
     gain = model.log_likelihood - initial
     assert gain > 1.0
-    assert f"raised the log-likelihood by {gain:.3g} nats" in caplog.text
+    assert f"raised the log-likelihood by {gain:.3g} nats" in mmtk_log.text
 
 
-def test_required_edge_against_mastery_rate_is_logged(caplog):
+def test_required_edge_against_mastery_rate_is_logged(mmtk_log):
     settings = StructureSettings(required=[("b", "a")])
-    with caplog.at_level(logging.INFO):
+    with mmtk_log.at_level(logging.INFO):
         oriented = with_rate_order(settings, ["a", "b"], np.array([0.8, 0.3]))
     assert ("b", "a") not in oriented.forbidden
-    assert "required edge b -> a kept although orient_by_mastery_rate would forbid it" in caplog.text
+    assert "required edge b -> a kept although orient_by_mastery_rate would forbid it" in mmtk_log.text
 
 
 # ---------------------------------------------------- recommend: students
@@ -261,15 +268,15 @@ def clear_row(row):
         (clear_row(2), "student row(s) 3 answered no item"),
     ],
 )
-def test_recommend_rejects_bad_students_file(cli, cohort, network_file, tmp_path, caplog, edit, message):
+def test_recommend_rejects_bad_students_file(cli, cohort, network_file, tmp_path, edit, message):
     matrix = cohort.responses[:3].copy()
     edit(matrix)
     students = write_matrix(tmp_path / "s.txt", matrix)
     out = tmp_path / "path"
     result = recommend(cli, network_file, out, "student.mastery=null", f"student.file={students}")
     assert result.exit_code == 2
-    assert message in caplog.text
-    assert str(students) in caplog.text
+    assert message in result.output
+    assert str(students) in result.output
     assert not out.exists()
 
 
@@ -284,15 +291,16 @@ def test_recommend_rejects_bad_students_file(cli, cohort, network_file, tmp_path
         (b"\x89HDF\r\n\x1a\n\x00\x00", "as UTF-8 CSV"),
         (b"student\nbob\n", "has no skill column"),
         (b"addition,foo\n0.9,0.5\n", "unknown skill(s) 'foo'"),
+        (b"addition,addition\n0.9,0.5\n", "names the column(s) 'addition' more than once"),
     ],
 )
-def test_recommend_rejects_bad_mastery_file(cli, network_file, tmp_path, caplog, content, message):
+def test_recommend_rejects_bad_mastery_file(cli, network_file, tmp_path, content, message):
     students = tmp_path / "m.csv"
     students.write_bytes(content)
     out = tmp_path / "path"
     result = recommend(cli, network_file, out, "student.mastery=null", f"student.file={students}", "student.file_kind=mastery")
     assert result.exit_code == 2
-    assert message in caplog.text
+    assert message in result.output
     assert "Traceback" not in result.output
     assert not out.exists()
 
@@ -364,15 +372,15 @@ def edit_drop_edge(data):
         (edit_drop_edge, "edge addition -> subtraction is in the table parents of subtraction but not in the edges list"),
     ],
 )
-def test_recommend_rejects_edited_network(cli, network_data, tmp_path, caplog, edit, message):
+def test_recommend_rejects_edited_network(cli, network_data, tmp_path, edit, message):
     data = json.loads(json.dumps(network_data))
     edit(data)
     path = save_network(tmp_path / "kg", data)
     out = tmp_path / "path"
     result = recommend(cli, path, out)
     assert result.exit_code == 2
-    assert message in caplog.text
-    assert str(path) in caplog.text
+    assert message in result.output
+    assert str(path) in result.output
     assert not out.exists()
 
 
@@ -384,14 +392,14 @@ def test_cycle_message_names_the_cycle(network_data, tmp_path):
         CausalKnowledgeNetwork.read(path)
 
 
-def test_recommend_rejects_graphml_network(cli, network_file, tmp_path, caplog):
+def test_recommend_rejects_graphml_network(cli, network_file, tmp_path):
     graphml = network_file.parent / "network.graphml"
     CausalKnowledgeNetwork.read(network_file).write_graphml(graphml)
     out = tmp_path / "path"
     result = recommend(cli, graphml, out)
     assert result.exit_code == 2
-    assert "Pass the network.json written by 'mmtk build-causal-kg' or its run folder" in caplog.text
-    assert "network.graphml and other exports cannot be read back" in caplog.text
+    assert "Pass the network.json written by 'mmtk build-causal-kg' or its run folder" in result.output
+    assert "network.graphml and other exports cannot be read back" in result.output
     assert not out.exists()
 
 
