@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmtk.mmar.generate import GenerationSettings, caption_tokens, generate_tokens
+from mmtk.mmar.generate import GenerationSettings, caption_tokens, generate_tokens, teacher_forced_completion_error
 from mmtk.mmar.layout import build_sequences
 from mmtk.mmar.model import MMAR, MMARConfig
 from mmtk.mmar.tokens import random_masks
@@ -74,6 +74,30 @@ def test_memorised_caption_regenerates_image(memorised):
 def test_memorised_image_is_captioned(memorised):
     model, images, captions, _ = memorised
     assert caption_tokens(model, images, BOS, EOS, max_new_tokens=6) == captions
+
+
+def test_caption_prefix_continues_memorised_caption(memorised):
+    model, images, captions, _ = memorised
+    # Given the first word of each memorised caption, the model returns the rest of it, without the prefix.
+    assert caption_tokens(model, images, BOS, EOS, max_new_tokens=6, prefixes=[[5], [8]]) == [[6, 7], [9]]
+
+
+@pytest.mark.parametrize("prediction", ["mean", "sample"])
+def test_teacher_forced_error_low_on_memorised_images(memorised, prediction):
+    model, images, captions, _ = memorised
+    settings = GenerationSettings(num_iterations=4, num_sampling_steps=50, eta=0.0)
+    own = teacher_forced_completion_error(model, captions, images, BOS, EOS, settings, torch.Generator().manual_seed(0), prediction=prediction)
+    # The same captions with the other image's tokens: the revealed context and the targets no longer fit the caption.
+    swapped = teacher_forced_completion_error(model, captions, images.flip(0), BOS, EOS, settings, torch.Generator().manual_seed(0), prediction=prediction)
+    assert own.shape == (4,)
+    assert float(own.mean()) < 0.3
+    assert float(own.mean()) < 0.5 * float(swapped.mean())
+
+
+def test_teacher_forced_error_rejects_wrong_shape(memorised):
+    model, images, captions, _ = memorised
+    with pytest.raises(ValueError, match="expected tokens of shape"):
+        teacher_forced_completion_error(model, captions, images[:, :4], BOS, EOS, GenerationSettings(num_iterations=2))
 
 
 def test_image_span_attention_in_model():
