@@ -1,0 +1,224 @@
+"""MMAR's behavioural checks on held-out synthetic shapes.
+
+Two models train through ``mmtk train-mmar shapes`` with the same seed and
+budget: one with image mask ratios uniform on [0, 1] (MMAR's second stage),
+one only with ratios from MAR's truncated normal on [0.7, 1] (the first
+stage). The checks:
+
+- generation: a classifier trained on real synthetic images finds the
+  prompted shape and colour in generated images well above chance (1/3),
+  and guidance (scale 3) raises the shape accuracy over scale 1;
+- understanding: questions about held-out images are answered from their
+  unmasked tokens well above chance;
+- holes: when completing real images with the true tokens revealed, the
+  ratio >= 0.7 model predicts the last tokens worse than the [0, 1] model.
+
+The module takes about 150 s of one CPU thread (140 s of it training), so it is slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmtk.mmar.generate import GenerationSettings, caption_tokens, generate_tokens, teacher_forced_completion_error
+from mmtk.mmar.shapes import COLOUR_QUESTION, COLOURS, SHAPE_QUESTION, SHAPES, make_shapes
+
+pytestmark = pytest.mark.slow
+
+NUM_IMAGES = 2000  # the shapes recipe's data.num_images; every 10th image is held out
+STEPS = 600
+TRAINING = [
+    f"train.steps={STEPS}", "train.batch_size=64", "train.checkpoint_every=0", "train.log_every=100", "train.progress=false",
+    "sample.num_images=0", "sample.num_captions=0",
+]
+STAGES = {
+    "full": f"stages=[{{until_step: {STEPS}, mask_min: 0.0, distribution: uniform}}]",
+    "high": f"stages=[{{until_step: {STEPS}, mask_min: 0.7, distribution: truncnorm}}]",
+}
+CHANCE = 1 / 3
+
+
+class ShapeClassifier(torch.nn.Module):
+    """Two convolutions and a linear layer: 16 x 16 images -> 3 shape logits and 3 colour logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),  # (B, 32, 8, 8)
+            torch.nn.Flatten(), torch.nn.Linear(32 * 8 * 8, 6),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, 6)
+
+
+def classify(classifier: ShapeClassifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the predicted (shape, colour) indices of images (B, 3, 16, 16)."""
+    with torch.no_grad():
+        logits = classifier(images)
+    return logits[:, :3].argmax(1), logits[:, 3:].argmax(1)
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predicted == labels).float().mean())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run the module's training and sampling on one torch thread; the per-test setting starts only after module fixtures."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous_threads)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    """The held-out images of the shapes recipe's data set (every 10th of 2000, seed 0)."""
+    data = make_shapes(NUM_IMAGES, 16, seed=0)
+    rows = [i for i in range(NUM_IMAGES) if i % 10 == 9]
+    return {
+        "images": data.images[rows],
+        "shapes": data.shapes[rows],
+        "colours": data.colours[rows],
+        "prompts": [data.captions[i][0] for i in rows],
+    }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The [0, 1] ("full") and the ratio >= 0.7 ("high") models, trained with the CLI and loaded from model.pt."""
+    from typer.testing import CliRunner
+
+    from mmtk.mmar.sampling import load_mmar
+    from mmtk_commands.main import app
+
+    root = tmp_path_factory.mktemp("mmar-checks")
+    loaded = {}
+    for name, stages in STAGES.items():
+        result = CliRunner().invoke(app, ["train-mmar", "shapes", "--out", str(root / name), "-q", *TRAINING, stages], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        loaded[name] = load_mmar(root / name / "model.pt")
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    """A classifier trained on 2000 real synthetic images drawn with another seed than the MMAR data."""
+    torch.manual_seed(0)
+    data = make_shapes(2000, 16, seed=1000)
+    model = ShapeClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(1000):
+        rows = torch.randint(0, len(data), (64,), generator=generator)
+        logits = model(data.images[rows])
+        loss = torch.nn.functional.cross_entropy(logits[:, :3], data.shapes[rows]) + torch.nn.functional.cross_entropy(logits[:, 3:], data.colours[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def generated(models, heldout):
+    """Images generated by the full model from the held-out prompts, twice each, at guidance 1 and 3."""
+    from mmtk.mmar.sampling import decode_tokens
+
+    loaded = models["full"]
+    vocabulary = loaded.vocabulary
+    ids = vocabulary.encode_prompts(heldout["prompts"])
+    results = {}
+    for scale in (1.0, 3.0):
+        settings = GenerationSettings(num_iterations=8, num_sampling_steps=25, cfg_scale=scale, temperature=1.0, eta=1.0)
+        tokens = [generate_tokens(loaded.model, ids, vocabulary.bos_id, vocabulary.eos_id, settings, torch.Generator().manual_seed(seed)) for seed in (0, 1)]
+        tokens = torch.cat(tokens)  # (2B, N, D)
+        results[scale] = {"tokens": tokens, "images": decode_tokens(loaded, tokens)}
+    return results
+
+
+# ------------------------------------------------------------ generation
+
+
+def test_classifier_reads_real_heldout_images(classifier, heldout):
+    shapes, colours = classify(classifier, heldout["images"])
+    assert accuracy(shapes, heldout["shapes"]) >= 0.95
+    assert accuracy(colours, heldout["colours"]) >= 0.95
+
+
+def test_generated_tokens_match_data_statistics(models, generated, heldout):
+    from mmtk.mmar.sampling import encode_images_to_tokens
+
+    real = encode_images_to_tokens(models["full"], heldout["images"])  # (B, N, D), scaled by 1 / std of all 2000 images
+    fake = generated[1.0]["tokens"]
+    assert float(real.std()) == pytest.approx(1.0, abs=0.05)
+    assert abs(float(fake.mean()) - float(real.mean())) < 0.1
+    assert float(fake.std()) == pytest.approx(float(real.std()), rel=0.15)
+
+
+def test_generated_images_show_prompted_colour(classifier, generated, heldout):
+    _, colours = classify(classifier, generated[3.0]["images"])
+    assert accuracy(colours, heldout["colours"].repeat(2)) >= 0.9
+
+
+def test_generated_images_show_prompted_shape(classifier, generated, heldout):
+    shapes, _ = classify(classifier, generated[3.0]["images"])
+    assert accuracy(shapes, heldout["shapes"].repeat(2)) >= CHANCE + 0.2
+
+
+def test_guidance_raises_shape_accuracy(classifier, generated, heldout):
+    labels = heldout["shapes"].repeat(2)
+    unguided = accuracy(classify(classifier, generated[1.0]["images"])[0], labels)
+    guided = accuracy(classify(classifier, generated[3.0]["images"])[0], labels)
+    # NOTE: measured with seed 0 on torch 2.13 CPU: 0.538 unguided, 0.678 guided.
+    assert guided >= unguided + 0.05
+
+
+# ------------------------------------------------------------ understanding
+
+
+@pytest.mark.parametrize("question, label_key, names", [(SHAPE_QUESTION, "shapes", SHAPES), (COLOUR_QUESTION, "colours", COLOURS)])
+def test_questions_answered_from_unmasked_tokens(models, heldout, question, label_key, names):
+    from mmtk.mmar.sampling import encode_images_to_tokens
+
+    loaded = models["full"]
+    vocabulary = loaded.vocabulary
+    tokens = encode_images_to_tokens(loaded, heldout["images"])  # ratio 0: no token masked
+    prefix = vocabulary.encode(question)
+    answers = caption_tokens(loaded.model, tokens, vocabulary.bos_id, vocabulary.eos_id, max_new_tokens=2, prefixes=[prefix] * len(tokens))
+    words = [vocabulary.decode(answer[:1]) for answer in answers]
+    expected = [names[i] for i in heldout[label_key].tolist()]
+    correct = sum(word == label for word, label in zip(words, expected)) / len(words)
+    assert correct >= 0.75
+
+
+# ------------------------------------------------------------ holes
+
+
+def completion_errors(loaded, heldout, repeats: int = 3) -> torch.Tensor:
+    """Return the teacher-forced mean-prediction error per iteration (16 iterations), averaged over ``repeats`` random orders."""
+    from mmtk.mmar.sampling import encode_images_to_tokens
+
+    vocabulary = loaded.vocabulary
+    tokens = encode_images_to_tokens(loaded, heldout["images"])
+    ids = vocabulary.encode_prompts(heldout["prompts"])
+    settings = GenerationSettings(num_iterations=16, cfg_scale=1.0)
+    runs = [
+        teacher_forced_completion_error(loaded.model, ids, tokens, vocabulary.bos_id, vocabulary.eos_id, settings, torch.Generator().manual_seed(seed), prediction="mean")
+        for seed in range(repeats)
+    ]
+    return torch.stack(runs).mean(0)  # (16,)
+
+
+def test_ratio_07_model_leaves_holes(models, heldout):
+    full = completion_errors(models["full"], heldout)
+    high = completion_errors(models["high"], heldout)
+    # NOTE: measured with seed 0 on torch 2.13 CPU (first iteration, mean of the last 4): full 0.331, 0.306;
+    # high 0.291, 0.334. The margins are about 0.03, so another platform's training may cross them.
+    # The last 4 of 16 iterations reveal the last 4 tokens, when at most 4 of 16 (a ratio of 0.25) are still masked.
+    assert float(high[-4:].mean()) > float(full[-4:].mean())
+    # More revealed context helps the [0, 1] model but hurts the ratio >= 0.7 model, which never trained on it.
+    assert float(full[-4:].mean()) < float(full[0])
+    assert float(high[-4:].mean()) > float(high[0])
