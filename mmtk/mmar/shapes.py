@@ -113,9 +113,11 @@ def draw_shape(shape: int, colour: int, resolution: int, centre: tuple[float, fl
 def make_shapes(count: int, resolution: int = 16, seed: int = 0) -> ShapeImages:
     """Draw ``count`` images with uniformly random shape, colour, size and position.
 
-    The size is uniform in [0.45 R, 0.75 R] and the shape lies fully inside
-    the image. The same (count, resolution, seed) always gives the same data
-    set, and a data set of more images extends a smaller one with the same seed.
+    The size is uniform in [0.5 R, 0.75 R] and the centre lies within
+    R / 8 of the image centre in each direction, so the shape lies fully
+    inside the image. The same (count, resolution, seed) always gives the
+    same data set, and a data set of more images extends a smaller one with
+    the same seed.
     """
     if count < 1:
         raise ValueError(f"the number of synthetic images must be at least 1, got {count}")
@@ -129,9 +131,9 @@ def make_shapes(count: int, resolution: int = 16, seed: int = 0) -> ShapeImages:
     for i in range(count):
         draws = torch.rand(5, generator=generator).tolist()
         shape, colour = int(draws[0] * len(SHAPES)), int(draws[1] * len(COLOURS))
-        size = resolution * (0.45 + 0.3 * draws[2])
-        margin = size / 2
-        centre = (margin + draws[3] * (resolution - size), margin + draws[4] * (resolution - size))
+        size = resolution * (0.5 + 0.25 * draws[2])
+        jitter = resolution / 8
+        centre = (resolution / 2 + jitter * (2 * draws[3] - 1), resolution / 2 + jitter * (2 * draws[4] - 1))
         images[i] = draw_shape(shape, colour, resolution, centre, size)
         shapes[i], colours[i] = shape, colour
         captions.append(caption_texts(shape, colour))
