@@ -33,6 +33,23 @@ def _torch_threads():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _caplog_sees_mmtk(caplog, monkeypatch):
+    """Attach caplog to the ``mmtk`` logger itself.
+
+    A command's logging set-up stops that logger from propagating, so without
+    this a test would see mmtk's records only when it ran before any command.
+    Propagation stays off during the test, so no record is captured twice.
+    """
+    import logging
+
+    logger = logging.getLogger("mmtk")
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(caplog.handler)
+    yield
+    logger.removeHandler(caplog.handler)
+
+
 @pytest.fixture()
 def cli():
     """Invoke the mmtk Typer app in-process; returns a function(args) -> Result."""
