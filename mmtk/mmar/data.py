@@ -76,6 +76,7 @@ def read_coco_mini(folder: str | Path) -> list[CaptionedImage]:
         records.append(CaptionedImage(image_id, path, captions, row.get("license_id")))
     if not records:
         raise DataError(f"{index} lists no images.")
+    log.info("read %d captioned images from %s", len(records), index)
     return records
 
 
@@ -321,6 +322,7 @@ def read_latent_cache(path: str | Path) -> LatentCache:
         "caption_image": DatasetSpec(("captions",), kind="i"),
     }
     arrays, attrs = read_datasets(path, specs, schema=LATENT_SCHEMA)
+    log.debug("read the latent cache %s: moments %s, %d captions", path, tuple(arrays["moments"].shape), len(arrays["captions"]))
     if arrays["moments"].shape != arrays["moments_flipped"].shape:
         raise DataError(f"latent cache {path}: moments and moments_flipped differ in shape; rebuild the cache.")
     count = arrays["moments"].shape[0]
