@@ -308,7 +308,8 @@ def run(context) -> dict[str, Any]:
         records = read_coco_mini(recipe.data.images)
         ordered, _ = split_heldout(records, 0)
     train_rows = [i for i in range(len(ordered)) if not (recipe.data.heldout_every and i % recipe.data.heldout_every == recipe.data.heldout_every - 1)]
-    heldout_rows = [i for i in range(len(ordered)) if i not in set(train_rows)]
+    training = set(train_rows)
+    heldout_rows = [i for i in range(len(ordered)) if i not in training]
     if len(train_rows) < recipe.train.batch_size:
         raise RecipeError(f"only {len(train_rows)} training images, fewer than train.batch_size={recipe.train.batch_size}; lower the batch size.")
     autoencoder = load_autoencoder(recipe.autoencoder)
