@@ -145,18 +145,27 @@ class CtPTask(TrainingTask):
         return decode_boxes(deltas.float(), boxes.reshape(-1, frames, 4)[:, 0]).view(batch_size, patches, frames, 4)
 
     def evaluate(self, model: nn.Module) -> Mapping[str, float]:
+        """Score the held-out samples; besides :func:`summarise_predictions`, ``head_active`` is the fraction of
+        the head's hidden units that fire on at least one held-out patch (near 0: the head predicts a constant)."""
         device = next(model.parameters()).device
         totals: dict[str, float] = {}
         count = 0
-        for batch in self.eval_batches(device):
-            boxes = batch["boxes"]
-            batch_size, patches, frames, _ = boxes.shape
-            predictions = model(batch["clip"], boxes[:, :, 0])
-            scores = summarise_predictions(predictions, boxes.reshape(batch_size * patches, frames, 4))
-            for key, value in scores.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * batch_size
-            count += batch_size
-        return {key: value / count for key, value in totals.items()}
+        hidden: list[torch.Tensor] = []
+        hook = model.head.fc1.register_forward_hook(lambda _module, _inputs, output: hidden.append(output.detach()))
+        try:
+            for batch in self.eval_batches(device):
+                boxes = batch["boxes"]
+                batch_size, patches, frames, _ = boxes.shape
+                predictions = model(batch["clip"], boxes[:, :, 0])
+                scores = summarise_predictions(predictions, boxes.reshape(batch_size * patches, frames, 4))
+                for key, value in scores.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) * batch_size
+                count += batch_size
+        finally:
+            hook.remove()
+        result = {key: value / count for key, value in totals.items()}
+        result["head_active"] = float(torch.cat(hidden).gt(0).any(dim=0).float().mean())  # [B*P, hidden] -> fraction of units
+        return result
 
 
 # ------------------------------------------------------------------- data
@@ -298,6 +307,7 @@ def run(context: RunContext) -> dict[str, Any]:
         "heldout_iou": final_eval.get("iou"),
         "heldout_baseline_iou": final_eval.get("baseline_iou"),
         "heldout_delta_corr": final_eval.get("delta_corr"),
+        "heldout_head_active": final_eval.get("head_active"),
         "iou_curve": [[r["step"], round(r["eval/iou"], 4)] for r in eval_logged],
         "backbone": str(backbone_path),
         "checkpoint": result["checkpoint"],
@@ -325,7 +335,7 @@ def _print_summary(context: RunContext, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table("quantity", "value", title="ctp-pretrain")
-    for key in ("steps", "elapsed_s", "clips_per_s", "loss_first", "loss_last", "heldout_loss", "heldout_iou", "heldout_baseline_iou", "heldout_delta_corr"):
+    for key in ("steps", "elapsed_s", "clips_per_s", "loss_first", "loss_last", "heldout_loss", "heldout_iou", "heldout_baseline_iou", "heldout_delta_corr", "heldout_head_active"):
         value = summary[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     context.console.print(table)

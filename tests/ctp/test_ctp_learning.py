@@ -79,3 +79,22 @@ def test_visible_patch_is_tracked_above_baseline():
     assert after["loss"] < 0.8 * before["loss"]
     assert after["iou"] > after["baseline_iou"] + 0.1
     assert after["delta_corr"] > 0.5
+
+
+def test_head_active_reports_dead_head():
+    from mmtk.ctp.pretrain import CtPTask
+
+    torch.manual_seed(0)
+    model = CtPModel(VideoResNet(BackboneConfig(depth=10, widths=[4, 8, 8, 8])), FRAMES, hidden=16).eval()
+    batch = white_patch_batch(np.random.default_rng(1))
+    samples = [{"clip": batch["clip"][i], "boxes": batch["boxes"][i]} for i in range(BATCH)]
+    task = CtPTask(None, None, samples)  # evaluate() reads only the held-out samples
+
+    with torch.no_grad():
+        alive = task.evaluate(model)
+        model.head.fc1.bias.fill_(-1e6)  # every hidden unit off for every input
+        dead = task.evaluate(model)
+
+    assert alive["head_active"] > 0.5
+    assert dead["head_active"] == 0.0
+    assert dead["iou"] == pytest.approx(dead["baseline_iou"])  # zero offsets reproduce the first-frame box
