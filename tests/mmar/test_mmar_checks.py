@@ -172,7 +172,7 @@ def test_guidance_raises_shape_accuracy(classifier, generated, heldout):
     labels = heldout["shapes"].repeat(2)
     unguided = accuracy(classify(classifier, generated[1.0]["images"])[0], labels)
     guided = accuracy(classify(classifier, generated[3.0]["images"])[0], labels)
-    # NOTE: measured with seed 0 on torch 2.13 CPU: 0.538 unguided, 0.678 guided.
+    # NOTE: measured on torch 2.13 CPU: 0.538 unguided and 0.678 guided at seed 0, 0.540 and 0.632 at seed 1.
     assert guided >= unguided + 0.05
 
 
@@ -215,10 +215,11 @@ def completion_errors(loaded, heldout, repeats: int = 3) -> torch.Tensor:
 def test_ratio_07_model_leaves_holes(models, heldout):
     full = completion_errors(models["full"], heldout)
     high = completion_errors(models["high"], heldout)
-    # NOTE: measured with seed 0 on torch 2.13 CPU (first iteration, mean of the last 4): full 0.331, 0.306;
-    # high 0.291, 0.334. The margins are about 0.03, so another platform's training may cross them.
+    # NOTE: measured on torch 2.13 CPU (first iteration, mean of the last 4): seed 0: full 0.331, 0.306 and
+    # high 0.291, 0.334; seed 1: full 0.300, 0.300 and high 0.286, 0.392. Seed 0's margins are about 0.03.
     # The last 4 of 16 iterations reveal the last 4 tokens, when at most 4 of 16 (a ratio of 0.25) are still masked.
     assert float(high[-4:].mean()) > float(full[-4:].mean())
-    # More revealed context helps the [0, 1] model but hurts the ratio >= 0.7 model, which never trained on it.
-    assert float(full[-4:].mean()) < float(full[0])
+    # More revealed context hurts the ratio >= 0.7 model, which never trained on it ...
     assert float(high[-4:].mean()) > float(high[0])
+    # ... and its error grows by a larger factor than the [0, 1] model's (0.92 and 1.00 at seeds 0 and 1).
+    assert float(high[-4:].mean() / high[0]) > float(full[-4:].mean() / full[0])
