@@ -145,8 +145,11 @@ class CtPTask(TrainingTask):
         return decode_boxes(deltas.float(), boxes.reshape(-1, frames, 4)[:, 0]).view(batch_size, patches, frames, 4)
 
     def evaluate(self, model: nn.Module) -> Mapping[str, float]:
-        """Score the held-out samples; besides :func:`summarise_predictions`, ``head_active`` is the fraction of
-        the head's hidden units that fire on at least one held-out patch (near 0: the head predicts a constant)."""
+        """Score the held-out samples with :func:`summarise_predictions` and add ``head_active``.
+
+        ``head_active`` is the fraction of the head's hidden units that fire
+        on at least one held-out patch. At 0 the head predicts a constant.
+        """
         device = next(model.parameters()).device
         totals: dict[str, float] = {}
         count = 0
