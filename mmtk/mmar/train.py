@@ -249,7 +249,7 @@ def build_model(recipe: MMARRecipe, vocabulary: CaptionVocabulary, token_dim: in
     config = MMARConfig(
         token_dim=token_dim, num_image_tokens=num_tokens, backbone=backbone.config.to_dict(),
         vit_width=section.vit_width, vit_depth=section.vit_depth, vit_heads=section.vit_heads,
-        head_width=section.head_width, head_depth=section.head_depth, parameterisation=section.pred,
+        head_width=section.head_width, head_depth=section.head_depth, parameterisation=section.pred, learn_sigma=section.learn_sigma,
         diffusion_steps=section.diffusion_steps, diffusion_batch_mul=section.diffusion_batch_mul, image_attention=section.image_attention,
     )
     model = MMAR(config, backbone)

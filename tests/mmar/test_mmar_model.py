@@ -152,3 +152,16 @@ def test_lora_trains_adapters_and_image_side_only():
     rebuilt = MMAR(model.config)
     add_lora(rebuilt.backbone, recipe.backbone.lora_targets, rank=4, freeze_base=False)
     rebuilt.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_recipe_learn_sigma_reaches_head(learn_sigma):
+    from mmtk.core.recipe import load_recipe
+    from mmtk.mmar.data import CaptionVocabulary
+    from mmtk.mmar.recipe import MMARRecipe
+    from mmtk.mmar.train import build_model
+
+    recipe = load_recipe(MMARRecipe, "shapes", [f"model.learn_sigma={str(learn_sigma).lower()}"], tool="train-mmar")
+    model = build_model(recipe, CaptionVocabulary(StubTokenizer(), None), token_dim=4, num_tokens=8)
+    assert model.config.learn_sigma is learn_sigma
+    assert model.diffusion.head.out_dim == (8 if learn_sigma else 4)
