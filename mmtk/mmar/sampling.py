@@ -227,8 +227,9 @@ class CaptionRecipe:
     threads: int = param(0, min=0, help="torch CPU threads (0 keeps torch's default)")
     checkpoint: Optional[Path] = param(None, help="model.pt of a train-mmar run")
     images: list[Path] = param(default_factory=list, help="image files to caption")
-    max_tokens: int = param(24, min=1, help="maximum caption length in tokens")
+    max_tokens: int = param(24, min=1, help="maximum caption (or answer) length in tokens")
     temperature: float = param(0.0, min=0.0, help="0: greedy captions, else the sampling temperature")
+    question: Optional[str] = param(None, help="a question asked about every image; null captions the images instead")
 
 
 SAMPLING_KEYS = ("iterations", "steps", "cfg", "cfg_schedule", "temperature", "eta")
@@ -288,8 +289,13 @@ def run_caption(context) -> dict[str, Any]:
         raise RecipeError("missing recipe key 'checkpoint': pass checkpoint=RUN/model.pt.")
     if not recipe.images:
         raise RecipeError("recipe key 'images' is empty: pass images=[a.jpg,b.jpg].")
+    if recipe.question is not None and not recipe.question.strip():
+        raise RecipeError("recipe key 'question' is empty: pass a question, or question=null to caption the images.")
     device = resolve_device(recipe.device)
     loaded = load_mmar(recipe.checkpoint, device)
+    prefixes = None
+    if recipe.question is not None:
+        prefixes = loaded.vocabulary.encode_prompts([recipe.question]) * len(recipe.images)
     pixels = []
     for path in recipe.images:
         image = load_image(path)
@@ -297,14 +303,19 @@ def run_caption(context) -> dict[str, Any]:
         pixels.append(square_image(image, loaded.resolution))
 
     context.start()
-    log.info("captioning %d images with %s", len(pixels), recipe.checkpoint)
+    task = "answering" if prefixes is not None else "captioning"
+    log.info("%s %d images with %s", task, len(pixels), recipe.checkpoint)
     images = torch.stack(pixels).to(device)
     tokens = encode_images_to_tokens(loaded, images)
     generator = torch.Generator().manual_seed(recipe.seed)
-    ids = caption_tokens(loaded.model, tokens, loaded.vocabulary.bos_id, loaded.vocabulary.eos_id, recipe.max_tokens, recipe.temperature, generator)
+    ids = caption_tokens(loaded.model, tokens, loaded.vocabulary.bos_id, loaded.vocabulary.eos_id, recipe.max_tokens, recipe.temperature, generator, prefixes=prefixes)
     captions = [loaded.vocabulary.decode(i) for i in ids]
-    lines = "".join(to_json({"image": str(path), "caption": caption}) + "\n" for path, caption in zip(recipe.images, captions))
-    output = write_text(context.run.file("captions.jsonl"), lines)
+
+    records = [{"image": str(path), "caption": caption} for path, caption in zip(recipe.images, captions)]
+    if recipe.question is not None:
+        records = [{"image": r["image"], "question": recipe.question, "answer": r["caption"]} for r in records]
+    output = write_text(context.run.file("captions.jsonl"), "".join(to_json(r) + "\n" for r in records))
     for path, caption in zip(recipe.images, captions):
         context.console.print(f"{Path(path).name}: {caption}")
-    return {"captions": [{"image": str(p), "caption": c} for p, c in zip(recipe.images, captions)], "jsonl": str(output)}
+    log.info("finished %s %d images; wrote %s", task, len(records), output)
+    return {"captions": records, "jsonl": str(output)}

@@ -197,3 +197,34 @@ def test_caption_from_shapes_model(shapes_run, cli, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "cap" / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == 1
     assert rows[0]["image"] == str(photo)
+
+
+def test_question_answered_from_shapes_model(shapes_run, cli, tmp_path):
+    from PIL import Image
+
+    from mmtk.mmar.data import square_image, to_uint8_images
+    from mmtk.mmar.generate import caption_tokens
+    from mmtk.mmar.sampling import encode_images_to_tokens, load_mmar
+    from mmtk.nn.image import load_image
+
+    out, _ = shapes_run
+    photo = tmp_path / "circle.png"
+    Image.fromarray(to_uint8_images(make_shapes(1, 16, seed=5).images)[0]).save(photo)
+    question = "what shape is it?"
+    result = cli("mmar-caption", "default", "--out", tmp_path / "ask", f"checkpoint={out / 'model.pt'}", f"images=[{photo}]", f"question={question}", "max_tokens=2")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "ask" / "captions.jsonl").read_text().splitlines()]
+
+    loaded = load_mmar(out / "model.pt", torch.device("cpu"))
+    tokens = encode_images_to_tokens(loaded, square_image(load_image(photo), loaded.resolution)[None])
+    prefix = loaded.vocabulary.encode(question)
+    expected = caption_tokens(loaded.model, tokens, loaded.vocabulary.bos_id, loaded.vocabulary.eos_id, 2, prefixes=[prefix])
+    assert rows[0]["question"] == question
+    assert rows[0]["answer"] == loaded.vocabulary.decode(expected[0])
+
+
+def test_empty_question_exits_2(shapes_run, cli, tmp_path):
+    out, _ = shapes_run
+    result = cli("mmar-caption", "default", "--out", tmp_path / "ask", f"checkpoint={out / 'model.pt'}", "images=[x.png]", "question= ")
+    assert result.exit_code == 2
+    assert not (tmp_path / "ask").exists()
