@@ -3,8 +3,9 @@
 Network alarm (37 variables), ``--samples`` rows, ``--resamples`` bootstrap
 resamples. Both sides run in this one process run, on the same data:
 
-- baseline: a plain loop that calls pgmpy's HillClimbSearch (BIC) on every
-  resample, builds the consensus, fits the tables and computes the
+- baseline: a plain loop that calls pgmpy's HillClimbSearch (BIC, with the
+  candidate operations sorted by name as mmtk does, so both sides break ties
+  the same way) on every resample, builds the consensus, fits the tables and computes the
   interventional effect of every consensus edge on every resample, one
   resample after another;
 - mmtk: the same calls through ``bootstrap_structures`` and
@@ -43,17 +44,16 @@ def consensus_from_edge_lists(edge_lists, columns, frame, settings):
 
 def run_baseline(codes, columns, states, resamples, seed):
     """Run the plain pgmpy calls one resample after another."""
-    from pgmpy.causal_discovery import HillClimbSearch
     from pgmpy.inference import CausalInference
 
     from mmtk.causalkg.effects import edge_effect, fit_network
-    from mmtk.causalkg.structure import StructureSettings, as_categorical, resample_indices
+    from mmtk.causalkg.structure import StructureSettings, as_categorical, resample_indices, sorted_hill_climb
 
     settings = StructureSettings()
     edge_lists = []
     for r in range(resamples):
         rows = resample_indices(len(codes), seed, r)
-        learner = HillClimbSearch(scoring_method="bic-d", return_type="dag", show_progress=False)
+        learner = sorted_hill_climb()(scoring_method="bic-d", return_type="dag", show_progress=False)
         learner.fit(as_categorical(codes[rows], columns, states))
         edge_lists.append([(str(u), str(v)) for u, v in learner.causal_graph_.edges()])
 
