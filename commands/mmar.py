@@ -101,4 +101,4 @@ def register(app: typer.Typer) -> None:
         from mmtk.mmar.coco import COCO_BASE_URL, download_coco_mini as download
 
         options = run_options(None, json, None, None, verbose, quiet)
-        finish(run_command(lambda: download(destination, base_url or COCO_BASE_URL, archives=archives, force=force), options))
+        finish(run_command(lambda: download(destination, COCO_BASE_URL if base_url is None else base_url, archives=archives, force=force), options))

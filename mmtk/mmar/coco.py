@@ -32,6 +32,7 @@ import io
 import json
 import shutil
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ CSV_COLUMNS = (
 )
 
 
+URL_SCHEMES = ("http", "https", "ftp", "file")
+
+
 def fetch_archive(url: str, target: Path, expected_md5: str, timeout_s: float = 60.0) -> Path:
     """Stream ``url`` into ``target`` while hashing it; raise DataError and delete the file when the MD5 differs.
 
@@ -106,6 +110,8 @@ def fetch_archive(url: str, target: Path, expected_md5: str, timeout_s: float = 
                 received += len(chunk)
     except OSError as exc:
         partial.unlink(missing_ok=True)
+        if url.startswith("file:"):
+            raise InputError(f"cannot read {url}: {exc}. Check that --base-url names the local folder that holds COCO's archive paths.") from exc
         raise MmtkError(f"download of {url} failed after {received} bytes: {exc}. Check the network connection or pass another --base-url.") from exc
     if digest.hexdigest() != expected_md5:
         partial.unlink(missing_ok=True)
@@ -263,6 +269,9 @@ def download_coco_mini(destination: Path, base_url: str = COCO_BASE_URL, archive
         raise InputError(f"download destination {destination} is a file, not a folder; pass a folder path.")
     if destination.is_dir() and any(destination.iterdir()) and not force:
         raise InputError(f"download destination {destination} is not empty; pass an empty or new folder, or --force to replace it.")
+    scheme = urllib.parse.urlsplit(base_url).scheme
+    if scheme not in URL_SCHEMES:
+        raise InputError(f"--base-url {base_url!r} has no supported scheme; pass a URL that starts with one of {', '.join(s + '://' for s in URL_SCHEMES)}.")
     if not base_url.endswith("/"):
         base_url += "/"
     created = [folder for folder in [destination.parent, *destination.parent.parents] if not folder.exists()]

@@ -164,18 +164,26 @@ def test_nonempty_destination_rejected(tmp_path, cli):
     destination = tmp_path / "coco-mini"
     destination.mkdir()
     (destination / "notes.txt").write_text("keep me")
-    # An unreachable base URL: a download attempt would exit 1, not 2.
     result = cli("download-coco-mini", destination, "--base-url", (tmp_path / "absent").as_uri())
     assert result.exit_code == 2
+    assert "is not empty" in result.output
     assert (destination / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in destination.iterdir()) == ["notes.txt"]
 
 
-def test_unreachable_source_exits_1(tmp_path, cli):
+def test_missing_local_source_exits_2(tmp_path, cli):
     destination = tmp_path / "coco-mini"
     result = cli("download-coco-mini", destination, "--base-url", (tmp_path / "absent").as_uri())
-    assert result.exit_code == 1
-    assert "download of" in result.output
+    assert result.exit_code == 2
+    assert "cannot read" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("base_url", ["", "images.cocodataset.org/"])
+def test_base_url_without_scheme_exits_2(tmp_path, cli, base_url):
+    result = cli("download-coco-mini", tmp_path / "coco-mini", "--base-url", base_url)
+    assert result.exit_code == 2
+    assert "no supported scheme" in result.output
     assert list(tmp_path.iterdir()) == []
 
 
