@@ -20,10 +20,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings and 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")]
 
 
-def run_options(out: Optional[Path], json: bool, seed: Optional[int], device: Optional[str], verbose: int, quiet: bool, resume: bool = False) -> RunOptions:
-    """Bundle the shared options; -q wins over -v."""
+def run_options(out: Optional[Path], json: bool, seed: Optional[int], device: Optional[str], verbose: int, quiet: bool, resume: Optional[bool] = None) -> RunOptions:
+    """Bundle the shared options; -q wins over -v. ``resume`` is None for a command without --resume."""
     verbosity = -1 if quiet else min(verbose, 1)
-    return RunOptions(out=out, json=json, seed=seed, device=device, verbosity=verbosity, resume=resume)
+    return RunOptions(out=out, json=json, seed=seed, device=device, verbosity=verbosity, resume=bool(resume), can_resume=resume is not None)
 
 
 def finish(code: int) -> None:

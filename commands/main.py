@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -48,8 +49,30 @@ _register_all()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Usage errors (an unknown option, a missing argument) are reported by
+    click before any tool runs. Under ``--json`` they also go to stdout as one
+    ``{"error", "error_type", "exit_code"}`` object, like the errors of a failed tool.
+    """
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+
+    from mmtk.core.io import to_json
+
+    try:
+        code = typer.main.get_command(app).main(standalone_mode=False)
+    except Exception as exc:
+        # Typer releases differ in which click package raises these, so test the interface, not the class.
+        if type(exc).__name__ == "Abort":
+            sys.exit(130)
+        if not (hasattr(exc, "format_message") and hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        exc.show()
+        sys.stdout.write(to_json({"error": exc.format_message(), "error_type": type(exc).__name__, "exit_code": exc.exit_code}) + "\n")
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

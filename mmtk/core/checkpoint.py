@@ -35,16 +35,25 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", expected_tool: 
     import torch
 
     path = Path(path)
+    wanted = f"a checkpoint of {expected_tool}" if expected_tool else "an mmtk checkpoint"
+    if path.is_dir():
+        raise InputError(f"checkpoint {path} is a folder; pass the checkpoint file inside it ({wanted}).")
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise InputError(f"cannot load checkpoint {path} (corrupt, truncated or not an mmtk checkpoint): {exc}") from exc
+    except (OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as exc:
+        # torch's own text suggests weights_only=False, which would run arbitrary code, so it is not passed on.
+        if "Weights only load failed" in str(exc):
+            reason = "it holds Python objects other than tensors and plain containers"
+        else:
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no details'}"
+        raise InputError(f"{path} is not a readable PyTorch checkpoint ({reason}); pass {wanted}.") from exc
     if not isinstance(state, dict):
-        raise InputError(f"checkpoint {path} does not contain a state mapping, so it is not an mmtk checkpoint.")
+        raise InputError(f"checkpoint {path} does not contain a state mapping, so it is not an mmtk checkpoint; pass {wanted}.")
     if expected_tool is not None and state.get("tool") != expected_tool:
-        raise InputError(f"checkpoint {path} was written by {state.get('tool')!r}, not by {expected_tool!r}. Pass a checkpoint of {expected_tool}.")
+        writer = f"was written by {state['tool']!r}" if state.get("tool") else "names no mmtk tool that wrote it"
+        raise InputError(f"checkpoint {path} {writer}, not by {expected_tool!r}. Pass {wanted}.")
     return state
 
 

@@ -93,13 +93,15 @@ class RunDir:
     run leaves no trace. An existing run folder is only reused with
     ``resume=True``, and only with a recipe that differs from the stored one
     in :data:`RESUMABLE_KEYS` or the extra ``resumable_keys`` (last key
-    components).
+    components). ``can_resume=False`` marks a tool without ``--resume``, so
+    its error for a used folder does not suggest that option.
     """
 
-    def __init__(self, path: str | Path, tool: str, resume: bool = False, writer: bool | None = None, resumable_keys: frozenset[str] = frozenset()) -> None:
+    def __init__(self, path: str | Path, tool: str, resume: bool = False, writer: bool | None = None, resumable_keys: frozenset[str] = frozenset(), can_resume: bool = True) -> None:
         self.path = Path(path)
         self.tool = tool
         self.resume = resume
+        self.can_resume = can_resume
         self.resumable_keys = RESUMABLE_KEYS | resumable_keys
         self.writer = is_main_process() if writer is None else writer
         self._log_handler = None
@@ -127,6 +129,8 @@ class RunDir:
         if meta.get("tool") != self.tool:
             raise InputError(f"--out {self.path} contains a run of {meta.get('tool')!r}, not {self.tool!r}. Choose another folder.")
         if not self.resume:
+            if not self.can_resume:
+                raise InputError(f"--out {self.path} already contains a {self.tool} run; choose a new --out folder so that its results are kept.")
             raise InputError(f"--out {self.path} already contains a {self.tool} run. Pass --resume to continue it, or choose a new --out folder so that its results are kept.")
 
     # -------------------------------------------------------------- writing

@@ -39,6 +39,7 @@ class RunOptions:
     device: str | None = None
     verbosity: int = 0
     resume: bool = False
+    can_resume: bool = True  # False for commands without a --resume option
 
 
 @dataclass
@@ -160,7 +161,7 @@ def run_tool(
             recipe = _set_top_level(recipe, "device", options.device, "--device")
         _check_seed_and_device(recipe)
 
-        run = RunDir(options.out or default_run_path(tool), tool, resume=options.resume, resumable_keys=resumable_keys)
+        run = RunDir(options.out or default_run_path(tool), tool, resume=options.resume, resumable_keys=resumable_keys, can_resume=options.can_resume)
         runs.append(run)
         context = RunContext(tool=tool, recipe=recipe, run=run, options=options, console=human_console(options))
         summary = main(context)

@@ -87,6 +87,16 @@ def test_only_rank_zero_prints_json(capsys, monkeypatch):
     assert capsys.readouterr().out == ""
 
 
+def test_used_folder_error_suggests_resume_only_when_supported(tmp_path):
+    RunDir(tmp_path / "run", "tiny").start({"seed": 1})
+
+    with pytest.raises(InputError, match="Pass --resume"):
+        RunDir(tmp_path / "run", "tiny")
+    with pytest.raises(InputError) as error:
+        RunDir(tmp_path / "run", "tiny", can_resume=False)
+    assert "--resume" not in str(error.value)
+
+
 def test_foreign_nonempty_folder_rejected(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -110,8 +120,31 @@ def test_checkpoint_roundtrip_and_tool_check(tmp_path):
 def test_corrupt_checkpoint_is_input_error(tmp_path):
     path = tmp_path / "ckpt-000000001.pt"
     path.write_bytes(b"not a zip")
-    with pytest.raises(InputError, match="cannot load checkpoint"):
+    with pytest.raises(InputError, match="is not a readable PyTorch checkpoint"):
         load_checkpoint(path)
+
+
+def test_pickled_object_checkpoint_message_is_safe(tmp_path):
+    import pickle
+
+    path = tmp_path / "model.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"weights": object}, handle)
+
+    with pytest.raises(InputError) as error:
+        load_checkpoint(path, expected_tool="tiny")
+    assert "Python objects other than tensors" in str(error.value)
+    assert "weights_only" not in str(error.value)
+
+
+def test_folder_and_toolless_checkpoints_named(tmp_path):
+    with pytest.raises(InputError, match="is a folder; pass the checkpoint file inside it"):
+        load_checkpoint(tmp_path, expected_tool="tiny")
+
+    path = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(InputError, match="names no mmtk tool that wrote it"):
+        load_checkpoint(path, expected_tool="tiny")
 
 
 def test_rng_state_roundtrip_through_safe_load(tmp_path):
