@@ -218,7 +218,17 @@ class CaptionVocabulary:
             if len(ids) > self.max_tokens:
                 log.warning("prompt %d has %d tokens; the model reads only its first %d, so %d are dropped", index, len(ids), self.max_tokens, len(ids) - self.max_tokens)
             encoded.append(self.encode(prompt))
+            unknown = self.count_unknown(encoded[-1])
+            if unknown:
+                log.warning("prompt %d (%r) has %d tokens outside the model's vocabulary; the model reads each as one unknown token", index, prompt, unknown)
         return encoded
+
+    def count_unknown(self, ids: Sequence[int]) -> int:
+        """Return how many of the decoder ids ``ids`` (from :meth:`encode`) stand for text outside the vocabulary."""
+        if self.base_ids is not None:
+            return sum(1 for i in ids if i == self.UNK)
+        # Byte-level BPE tokenizers have no unknown token; word-level ones mark it "<unk>".
+        return sum(1 for i in ids if self.tokenizer.token_text(i) == "<unk>")
 
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of decoder ids, dropping special entries."""

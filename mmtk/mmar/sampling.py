@@ -295,7 +295,13 @@ def run_caption(context) -> dict[str, Any]:
     loaded = load_mmar(recipe.checkpoint, device)
     prefixes = None
     if recipe.question is not None:
-        prefixes = loaded.vocabulary.encode_prompts([recipe.question]) * len(recipe.images)
+        from mmtk.mmar.data import normalise_caption
+
+        vocabulary = loaded.vocabulary
+        length = len(vocabulary.tokenizer.encode(normalise_caption(recipe.question), add_special_tokens=False))
+        if length > vocabulary.max_tokens:
+            raise RecipeError(f"recipe key 'question' has {length} tokens, but the model reads at most {vocabulary.max_tokens}; ask a shorter question.")
+        prefixes = vocabulary.encode_prompts([recipe.question]) * len(recipe.images)
     pixels = []
     for path in recipe.images:
         image = load_image(path)

@@ -102,7 +102,7 @@ def test_long_prompt_logs_dropped_tokens(caplog):
     with caplog.at_level(logging.WARNING, logger="mmtk"):
         ids = vocabulary.encode_prompts(["a red", "a red circle on grey"])
     assert [len(i) for i in ids] == [3, 3]
-    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "dropped" in r.getMessage()]
     # "a red circle on grey." is 6 tokens with the full stop, so 3 are dropped; "a red." fits.
     assert messages == ["prompt 1 has 6 tokens; the model reads only its first 3, so 3 are dropped"]
 
@@ -228,3 +228,23 @@ def test_empty_question_exits_2(shapes_run, cli, tmp_path):
     result = cli("mmar-caption", "default", "--out", tmp_path / "ask", f"checkpoint={out / 'model.pt'}", "images=[x.png]", "question= ")
     assert result.exit_code == 2
     assert not (tmp_path / "ask").exists()
+
+
+def test_long_question_exits_2(shapes_run, cli, tmp_path):
+    out, _ = shapes_run
+    question = " ".join(["what shape is it?"] * 10)
+    result = cli("mmar-caption", "default", "--out", tmp_path / "ask", f"checkpoint={out / 'model.pt'}", "images=[x.png]", f"question={question}")
+    assert result.exit_code == 2
+    assert "recipe key 'question' has" in result.output
+    assert not (tmp_path / "ask").exists()
+
+
+def test_unknown_words_warned(caplog):
+    from mmtk.mmar.data import CaptionVocabulary
+
+    vocabulary = CaptionVocabulary(shapes_tokenizer(), None, 12)
+    with caplog.at_level(logging.WARNING, logger="mmtk"):
+        vocabulary.encode_prompts(["a red circle", "a purple hexagon"])
+    warnings = [r.getMessage() for r in caplog.records if "outside the model's vocabulary" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "prompt 1 ('a purple hexagon') has 2 tokens" in warnings[0]
