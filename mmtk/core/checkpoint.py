@@ -47,7 +47,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", expected_tool: 
         if "Weights only load failed" in str(exc):
             reason = "it holds Python objects other than tensors and plain containers"
         else:
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no details'}"
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
+            reason = f"corrupt, truncated or another kind of file: {type(exc).__name__}: {detail}"
         raise InputError(f"{path} is not a readable PyTorch checkpoint ({reason}); pass {wanted}.") from exc
     if not isinstance(state, dict):
         raise InputError(f"checkpoint {path} does not contain a state mapping, so it is not an mmtk checkpoint; pass {wanted}.")
