@@ -119,8 +119,8 @@ def skills_to_learn(graph: nx.DiGraph, mastered: set[str], target: str) -> list[
     """
     if target in mastered:
         return []
-    wanted = {a for a in nx.ancestors(graph, target) if a not in mastered} | {target}
-    return [s for s in nx.lexicographical_topological_sort(graph) if s in wanted]
+    to_learn = {a for a in nx.ancestors(graph, target) if a not in mastered} | {target}
+    return [s for s in nx.lexicographical_topological_sort(graph) if s in to_learn]
 
 
 def recommend_path(network: CausalKnowledgeNetwork, mastery: dict[str, float], target: str, queries: InterventionalQueries | None = None) -> list[PathStep]:

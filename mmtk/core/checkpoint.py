@@ -35,9 +35,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", expected_tool: 
     import torch
 
     path = Path(path)
-    wanted = f"a checkpoint of {expected_tool}" if expected_tool else "an mmtk checkpoint"
+    expected_file = f"a checkpoint of {expected_tool}" if expected_tool else "an mmtk checkpoint"
     if path.is_dir():
-        raise InputError(f"checkpoint {path} is a folder; pass the checkpoint file inside it ({wanted}).")
+        raise InputError(f"checkpoint {path} is a folder; pass the checkpoint file inside it ({expected_file}).")
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}.")
     try:
@@ -49,12 +49,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", expected_tool: 
         else:
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
             reason = f"corrupt, truncated or another kind of file: {type(exc).__name__}: {detail}"
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({reason}); pass {wanted}.") from exc
+        raise InputError(f"{path} is not a readable PyTorch checkpoint ({reason}); pass {expected_file}.") from exc
     if not isinstance(state, dict):
-        raise InputError(f"checkpoint {path} does not contain a state mapping, so it is not an mmtk checkpoint; pass {wanted}.")
+        raise InputError(f"checkpoint {path} does not contain a state mapping, so it is not an mmtk checkpoint; pass {expected_file}.")
     if expected_tool is not None and state.get("tool") != expected_tool:
         writer = f"was written by {state['tool']!r}" if state.get("tool") else "names no mmtk tool that wrote it"
-        raise InputError(f"checkpoint {path} {writer}, not by {expected_tool!r}. Pass {wanted}.")
+        raise InputError(f"checkpoint {path} {writer}, not by {expected_tool!r}. Pass {expected_file}.")
     return state
 
 

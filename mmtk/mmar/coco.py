@@ -111,7 +111,7 @@ def fetch_archive(url: str, target: Path, expected_md5: str, timeout_s: float = 
     except OSError as exc:
         partial.unlink(missing_ok=True)
         if url.startswith("file:"):
-            raise InputError(f"cannot read {url}: {exc}. Check that --base-url names the local folder that holds COCO's archive paths.") from exc
+            raise InputError(f"cannot read {url}: {exc}. Check that --base-url names the local folder that contains COCO's archive paths.") from exc
         raise MmtkError(f"download of {url} failed after {received} bytes: {exc}. Check the network connection or pass another --base-url.") from exc
     if digest.hexdigest() != expected_md5:
         partial.unlink(missing_ok=True)
