@@ -9,6 +9,7 @@ collectives return their input.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -147,8 +148,15 @@ def init_distributed(device_type: str | None = None) -> DistInfo:
 
 
 def cleanup() -> None:
-    """Destroy the process group, if one is running."""
+    """Destroy the process group, if one is running.
+
+    Garbage is collected first because FSDP keeps gloo work objects in
+    reference cycles, and freeing them during interpreter shutdown sometimes
+    aborted a process after a successful run. There is no barrier, so a rank
+    that failed does not wait for the others.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
