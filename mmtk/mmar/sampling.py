@@ -99,6 +99,9 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
             raise InputError(f"{path}: tensor '{section}.{bad}' contains NaN or infinite values, so the model cannot sample; retrain or use an earlier checkpoint.")
     if "mmar_config" not in state:
         raise InputError(f"{path} is a {TOOL} training checkpoint, not its final model.pt; pass the model.pt in the run folder.")
+    missing_sections = [section for section in ("lora", "autoencoder", "vocabulary", "image") if section not in state]
+    if missing_sections:
+        raise InputError(f"{path} lacks the entries {', '.join(missing_sections)} that mmtk train-mmar writes into model.pt, so the file is incomplete or was edited; pass the model.pt of a finished run.")
     check_head_outputs(state, path)
     try:
         model = MMAR(config_from_mapping(state["mmar_config"]))
@@ -110,7 +113,9 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
         autoencoder = image_tokenizer_from_state(state["autoencoder"])
         vocab_state = state["vocabulary"]
         image = state["image"]
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except KeyError as exc:
+        raise InputError(f"cannot rebuild the model from {path}: the entry {exc} is missing, so the file is incomplete or was edited; pass the model.pt of a finished run.") from exc
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise InputError(f"cannot rebuild the model from {path}: {exc}") from exc
     tokenizer = load_base_tokenizer(vocab_state["tokenizer"])
     vocabulary = CaptionVocabulary(tokenizer, vocab_state["base_ids"], int(vocab_state["max_tokens"]))

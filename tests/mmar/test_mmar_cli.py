@@ -304,18 +304,34 @@ def test_train_rejects_iterations_above_tokens(trained, cli, tmp_path):
     assert not out.exists()
 
 
-def test_generate_rejects_nan_weights(trained, cli, tmp_path):
-    state = torch.load(trained["run"] / "model.pt", weights_only=True)
-    name = next(k for k, v in state["model"].items() if v.is_floating_point())
-    state["model"][name][...] = float("nan")
+def _generate_from_state(state: dict, cli, tmp_path: Path):
+    """Save ``state`` as a model.pt, run mmar-generate on it; return (result, out folder)."""
     checkpoint = tmp_path / "model.pt"
     torch.save(state, checkpoint)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("A cat.\n")
     out = tmp_path / "gen"
-    result = cli("mmar-generate", "default", "--out", out, f"checkpoint={checkpoint}", f"captions={prompts}", "steps=2", "iterations=2")
+    return cli("mmar-generate", "default", "--out", out, f"checkpoint={checkpoint}", f"captions={prompts}", "steps=2", "iterations=2"), out
+
+
+def test_generate_rejects_nan_weights(trained, cli, tmp_path):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name][...] = float("nan")
+    result, out = _generate_from_state(state, cli, tmp_path)
     assert result.exit_code == 2
     assert f"tensor 'model.{name}' contains NaN or infinite values" in flat(result.output)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("section", ["image", "vocabulary"])
+def test_generate_rejects_model_without_section(trained, cli, tmp_path, section):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    del state[section]
+    result, out = _generate_from_state(state, cli, tmp_path)
+    assert result.exit_code == 2
+    assert f"lacks the entries {section} that mmtk train-mmar writes" in flat(result.output)
+    assert "pass the model.pt of a finished run" in flat(result.output)
     assert not out.exists()
 
 
