@@ -44,18 +44,38 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", expected_tool: 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as exc:
         # torch's own text suggests weights_only=False, which would run arbitrary code, so it is not passed on.
-        if "Weights only load failed" in str(exc):
+        if "Weights only load failed" in str(exc) and _looks_like_pickle_or_zip(path):
             reason = "it holds Python objects other than tensors and plain containers"
+        elif "Weights only load failed" in str(exc):
+            reason = "corrupt, truncated or another kind of file: it starts like neither a torch archive nor a pickle"
         else:
-            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
-            reason = f"corrupt, truncated or another kind of file: {type(exc).__name__}: {detail}"
+            reason = f"corrupt, truncated or another kind of file: {type(exc).__name__}: {_first_sentence(str(exc))}"
         raise InputError(f"{path} is not a readable PyTorch checkpoint ({reason}); pass {expected_file}.") from exc
     if not isinstance(state, dict):
         raise InputError(f"checkpoint {path} does not contain a state mapping, so it is not an mmtk checkpoint; pass {expected_file}.")
     if expected_tool is not None and state.get("tool") != expected_tool:
-        writer = f"was written by {state['tool']!r}" if state.get("tool") else "names no mmtk tool that wrote it"
-        raise InputError(f"checkpoint {path} {writer}, not by {expected_tool!r}. Pass {expected_file}.")
+        if state.get("tool"):
+            raise InputError(f"checkpoint {path} was written by {state['tool']!r}, not by {expected_tool!r}; pass {expected_file}.")
+        raise InputError(f"checkpoint {path} names no mmtk tool that wrote it (a plain state dict or a file from another program?); pass {expected_file}.")
     return state
+
+
+def _looks_like_pickle_or_zip(path: Path) -> bool:
+    """Return True when ``path`` starts like a torch zip archive or a pickle of protocol 2 or later."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """Return the first sentence of the first line of ``text``, at most ``limit`` characters (cut at a word)."""
+    lines = text.strip().splitlines()
+    if not lines:
+        return "no details"
+    sentence = lines[0].split(". ")[0].rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:

@@ -95,14 +95,36 @@ def resolve_recipe_path(ref: str | Path, tool: str | None = None) -> Path:
     raise RecipeError(f"recipe not found: '{ref}' is neither a file nor a bundled recipe.{hint} List all with 'mmtk recipes'.")
 
 
+class _DuplicateKeyError(Exception):
+    """A mapping in a YAML file names the same key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, except that a key given twice in one mapping is an error instead of the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merge keys ('<<') may be overridden by explicit keys
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_lines:
+                raise _DuplicateKeyError(f"key '{key}' is given twice in one section (lines {first_lines[key]} and {line}); keep one of them.")
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """Read a YAML file that must contain a mapping, with the safe loader."""
+    """Read a YAML file that must contain a mapping, with the safe loader; a key given twice in one section is an error."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a subclass of the safe loader
+    except _DuplicateKeyError as exc:
+        raise RecipeError(f"recipe {path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
     if data is None:
@@ -288,6 +310,8 @@ def _convert_scalar(tp: Any, value: Any, path: str) -> Any:
             raise RecipeError(f"{_key(path)}: expected a number, got {_describe(value)}.")
         if math.isnan(number):
             raise RecipeError(f"{_key(path)}: NaN is not a valid value.")
+        if math.isinf(number):
+            raise RecipeError(f"{_key(path)}: {_describe(value)} is not a valid value; use a finite number.")
         return number
 
     if tp is str:

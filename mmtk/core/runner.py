@@ -72,6 +72,22 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated("received SIGTERM; stopped. Results this tool stores as it goes stay in the run folder; continue with --resume where the tool supports it")
 
 
+def error_message(exc: BaseException) -> str:
+    """Return the message of ``exc``; for an mmtk error re-raised by a DataLoader worker, only the original message.
+
+    torch re-raises an error from a loader worker as the same class with the
+    message "Caught <class> in DataLoader worker process <n>." followed by the
+    worker's whole traceback, whose last line contains the original message.
+    """
+    text = str(exc)
+    if isinstance(exc, MmtkError) and text.startswith("Caught ") and "Original Traceback" in text:
+        marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        start = text.rfind(marker)
+        if start >= 0:
+            return text[start + len(marker):].strip()
+    return text
+
+
 def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, cleanup: Callable[[], None] | None = None) -> int:
     """Run ``body`` with logging set up and errors mapped to exit codes.
 
@@ -91,7 +107,7 @@ def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, 
     try:
         summary = body()
     except MmtkError as exc:
-        log.error("%s", exc)
+        log.error("%s", error_message(exc))
         failure = (exc, exc.exit_code)
     except Terminated as exc:
         log.error("%s", exc)
@@ -113,7 +129,7 @@ def run_command(body: Callable[[], dict[str, Any] | None], options: RunOptions, 
     if failure is not None:
         exc, exit_code = failure
         if print_json:
-            _print_json({"error": str(exc) or "interrupted", "error_type": type(exc).__name__, "exit_code": exit_code})
+            _print_json({"error": error_message(exc) or "interrupted", "error_type": type(exc).__name__, "exit_code": exit_code})
         return exit_code
     if print_json and summary is not None:
         _print_json(summary)

@@ -598,7 +598,12 @@ class Trainer:
         record = {"step": self.step, "epoch": self.step * self.config.batch_size / dataset_size, "lr": lr, **means}
         if not math.isfinite(record.get("loss", 0.0)):
             self.run.log_metrics(record)
-            raise MmtkError(f"the training loss became {record['loss']} at step {self.step}; lower train.lr, set train.grad_clip, or use train.precision=fp32.")
+            remedies = [f"lower train.lr (now {self.config.lr:g})"]
+            if self.config.grad_clip <= 0:
+                remedies.append("set train.grad_clip")
+            if self.autocast_dtype is not None:
+                remedies.append("use train.precision=fp32")
+            raise MmtkError(f"the training loss became {record['loss']} at step {self.step}; {' or '.join(remedies)}.")
         self.run.log_metrics(record)
         return record
 

@@ -77,6 +77,8 @@ def test_missing_required_key():
         ({"name": 5}, "expected a string"),
         ({"name": "a", "optim": {"lr": "fast"}}, "expected a number, got 'fast'"),
         ({"name": "a", "optim": {"lr": float("nan")}}, "NaN is not a valid value"),
+        ({"name": "a", "optim": {"lr": float("inf")}}, "'optim.lr': inf (float) is not a valid value; use a finite number"),
+        ({"name": "a", "optim": {"lr": "1e400"}}, "'optim.lr': '1e400' (str) is not a valid value; use a finite number"),
         ({"name": "a", "species": "H2"}, "expected a list"),
         ({"name": "a", "optim": 3}, "expected a section"),
     ],
@@ -116,6 +118,25 @@ def test_malformed_yaml_and_non_mapping(tmp_path):
         read_yaml_mapping(_write(tmp_path / "bad.yaml", "name: [unclosed\n"))
     with pytest.raises(RecipeError, match="must contain a mapping"):
         read_yaml_mapping(_write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("name: a\nseed: 1\nseed: 2\n", "key 'seed' is given twice in one section (lines 2 and 3)"),
+        ("name: a\noptim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice in one section (lines 3 and 4)"),
+    ],
+)
+def test_duplicate_key_rejected(tmp_path, text, fragment):
+    with pytest.raises(RecipeError) as info:
+        read_yaml_mapping(_write(tmp_path / "twice.yaml", text))
+    assert fragment in str(info.value)
+
+
+def test_merge_key_may_be_overridden(tmp_path):
+    text = "base: &b\n  lr: 0.1\n  epochs: 2\noptim:\n  <<: *b\n  lr: 0.5\n"
+    data = read_yaml_mapping(_write(tmp_path / "merge.yaml", text))
+    assert data["optim"] == {"lr": 0.5, "epochs": 2}
 
 
 def test_missing_recipe_file_and_unknown_name(tmp_path):

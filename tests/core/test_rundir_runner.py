@@ -77,6 +77,26 @@ def test_failed_run_prints_one_json_error_object(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["exit_code"] == 1
 
 
+class _DamagedDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise DataError(f"item {index} is damaged; delete the cache")
+
+
+def test_loader_worker_error_keeps_only_its_message(capsys, caplog):
+    def body():
+        loader = torch.utils.data.DataLoader(_DamagedDataset(), num_workers=1)
+        next(iter(loader))
+
+    assert run_command(body, RunOptions(json=True)) == 2
+    error = json.loads(capsys.readouterr().out)
+    assert error == {"error": "item 0 is damaged; delete the cache", "error_type": "DataError", "exit_code": 2}
+    assert "item 0 is damaged; delete the cache" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
 def test_only_rank_zero_prints_json(capsys, monkeypatch):
     options = RunOptions(json=True)
     assert run_command(lambda: {"seed": 1}, options) == 0
@@ -120,8 +140,20 @@ def test_checkpoint_roundtrip_and_tool_check(tmp_path):
 def test_corrupt_checkpoint_is_input_error(tmp_path):
     path = tmp_path / "ckpt-000000001.pt"
     path.write_bytes(b"not a zip")
-    with pytest.raises(InputError, match="is not a readable PyTorch checkpoint"):
+    with pytest.raises(InputError) as error:
         load_checkpoint(path)
+    assert "is not a readable PyTorch checkpoint" in str(error.value)
+    assert "starts like neither a torch archive nor a pickle" in str(error.value)
+
+
+def test_truncated_checkpoint_message_ends_at_sentence(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    save_checkpoint(path, {"tool": "tiny", "weights": torch.zeros(1000)})
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(InputError) as error:
+        load_checkpoint(path, expected_tool="tiny")
+    assert "corrupt, truncated or another kind of file: RuntimeError: PytorchStreamReader failed" in str(error.value)
+    assert str(error.value).endswith("); pass a checkpoint of tiny.")
 
 
 def test_pickled_object_checkpoint_message_is_safe(tmp_path):

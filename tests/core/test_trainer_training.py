@@ -205,6 +205,21 @@ def test_nan_loss_stops_run(tmp_path):
         _fit(tmp_path / "run", task_cls=NanTask)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "present", "absent"),
+    [
+        (["train.grad_clip=1.0"], "lower train.lr", "train.grad_clip"),
+        (["train.grad_clip=0"], "or set train.grad_clip", "precision"),
+        (["train.grad_clip=1.0", "train.precision=bf16"], "or use train.precision=fp32", "grad_clip"),
+    ],
+)
+def test_nan_loss_suggests_only_applicable_remedies(tmp_path, overrides, present, absent):
+    with pytest.raises(MmtkError) as error:
+        _fit(tmp_path / "run", *overrides, task_cls=NanTask)
+    assert present in str(error.value)
+    assert absent not in str(error.value)
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     full, _ = _fit(tmp_path / "fp32", "dropout=0", "train.steps=3")
     low, summary = _fit(tmp_path / "bf16", "dropout=0", "train.steps=3", "train.precision=bf16")
