@@ -52,6 +52,8 @@ class VideoDataConfig:
 
 def read_records(config: VideoDataConfig, root: Path, subset: Literal["train", "test"]) -> tuple[list[VideoRecord], list[str]]:
     """List the videos of ``subset`` under the configured layout; returns (records, class names)."""
+    if root.is_file():
+        raise DataError(f"data.root={root} is a file, not a folder. Set data.root to the folder of videos that contains it, {root.parent}.")
     if config.layout == "folder":
         return list_video_folder(root), []
     if config.splits is None:

@@ -44,7 +44,7 @@ from torch import nn
 
 from mmtk.core import distributed
 from mmtk.core.checkpoint import latest_checkpoint, load_checkpoint
-from mmtk.core.errors import InputError
+from mmtk.core.errors import InputError, RecipeError
 from mmtk.core.hdf5 import DatasetSpec, read_datasets, write_datasets
 from mmtk.core.io import write_json
 from mmtk.core.logging import get_logger
@@ -57,6 +57,7 @@ from mmtk.ctp.backbones import FINETUNE_STRIDES, BackboneConfig, VideoResNet
 from mmtk.ctp.data import ClipViewConfig, LabelledClips, VideoDataConfig, check_cache_path, open_cache, probe_records, read_records
 from mmtk.ctp.pretrain import BACKBONE_FORMAT
 from mmtk.ctp.pretrain import TOOL as PRETRAIN_TOOL
+from mmtk.ctp.smoke import SMOKE_SEGMENT_FRAMES
 from mmtk.ctp.video import ClipCache
 
 log = get_logger(__name__)
@@ -129,8 +130,7 @@ def load_pretrained_backbone(path: Path) -> tuple[BackboneConfig, dict[str, torc
     except OSError as exc:
         # torch.load raises OSError for some truncated zip archives, which load_checkpoint does not catch.
         raise InputError(f"cannot load checkpoint {path} (corrupt or truncated): {exc}. Pass a complete backbone.pt of ctp-pretrain.") from exc
-    if state.get("format") != BACKBONE_FORMAT or "state_dict" not in state or "backbone" not in state:
-        raise InputError(f"{path} is a ctp-pretrain checkpoint but not a backbone file; pass the run's backbone.pt, not a file from checkpoints/.")
+    check_backbone_entries(path, state)
     try:
         config = build(BackboneConfig, state["backbone"], "backbone")
     except InputError as exc:
@@ -141,8 +141,27 @@ def load_pretrained_backbone(path: Path) -> tuple[BackboneConfig, dict[str, torc
     try:
         make_backbone(config, state["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise InputError(f"the weights in {path} do not fit the backbone it describes ({config.arch}-{config.depth}, widths {config.widths}): {exc}. Pass an unmodified backbone.pt of ctp-pretrain.") from exc
+        # torch's load_state_dict text may end in a full stop, and this message adds its own.
+        detail = str(exc).strip().rstrip(".")
+        raise InputError(f"the weights in {path} do not fit the backbone it describes ({config.arch}-{config.depth}, widths {config.widths}): {detail}. Pass an unmodified backbone.pt of ctp-pretrain.") from exc
     return config, state["state_dict"]
+
+
+def check_backbone_entries(path: Path, state: Mapping[str, Any]) -> None:
+    """Raise InputError unless ``state`` contains the format version, architecture and state dict of a backbone.pt."""
+    if "state_dict" not in state or "backbone" not in state:
+        raise InputError(f"{path} is a ctp-pretrain checkpoint but not a backbone file; pass the run's backbone.pt, not a file from checkpoints/.")
+    if state.get("format") != BACKBONE_FORMAT:
+        found = f"format version {state['format']!r}" if "format" in state else "no format version"
+        raise InputError(
+            f"{path} is a backbone file of unsupported {found}. This version of mmtk reads format version {BACKBONE_FORMAT} only. "
+            "Pass a backbone.pt written by the ctp-pretrain of this mmtk version."
+        )
+    if not isinstance(state["state_dict"], Mapping):
+        raise InputError(
+            f"{path} is not a valid backbone.pt: its state_dict is a {type(state['state_dict']).__name__}, not a mapping of parameter names to tensors. "
+            "Pass an unmodified backbone.pt of ctp-pretrain."
+        )
 
 
 class ClipClassifier(nn.Module):
@@ -266,6 +285,15 @@ class EvaluationData:
     smoke: bool
 
 
+def check_smoke_clip_length(view: ClipViewConfig) -> None:
+    """Raise RecipeError if a clip of ``view`` is longer than the videos of the smoke data set."""
+    if view.num_frames > SMOKE_SEGMENT_FRAMES:
+        raise RecipeError(
+            f"view.num_frames={view.num_frames} is more than the {SMOKE_SEGMENT_FRAMES} frames of each video in the built-in smoke data set (data.root=null). "
+            f"Set view.num_frames to at most {SMOKE_SEGMENT_FRAMES}, or set data.root and data.splits to your own labelled videos."
+        )
+
+
 def prepare_data(recipe: EvaluateRecipe, smoke_root: Path) -> EvaluationData:
     """List and probe the labelled videos; for ``data.root=null`` build the smoke data set under ``smoke_root``.
 
@@ -277,6 +305,7 @@ def prepare_data(recipe: EvaluateRecipe, smoke_root: Path) -> EvaluationData:
     if smoke:
         from mmtk.ctp.smoke import build_smoke_dataset
 
+        check_smoke_clip_length(recipe.view)
         video_root, split_root = build_smoke_dataset(smoke_root)
         config = VideoDataConfig(root=video_root, layout="ucf101", splits=split_root, split=1, cache=config.cache)
     return _read_data(config, recipe.view.num_frames, smoke)
@@ -320,6 +349,8 @@ def run(context: RunContext) -> dict[str, Any]:
         torch.set_num_threads(recipe.threads)
     if "pretrained" in recipe.inits and recipe.checkpoint is None:
         raise InputError("inits includes 'pretrained' but checkpoint is not set. Pass checkpoint=<ctp-pretrain run>/backbone.pt, or inits=[random].")
+    if recipe.data.root is None:
+        check_smoke_clip_length(recipe.view)
     pretrained = load_pretrained_backbone(recipe.checkpoint) if recipe.checkpoint is not None else None
     backbone_config = pretrained[0] if pretrained is not None else recipe.backbone
 

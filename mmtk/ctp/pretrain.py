@@ -76,6 +76,15 @@ class PretrainRecipe:
     head_init_std: float = param(0.001, min=0, min_exclusive=True, help="standard deviation of the initial weights of the head's two fully connected layers")
     train: TrainConfig = field(default_factory=_pretrain_train_config)
 
+    def __post_init__(self) -> None:
+        largest = max(self.proxy.scales)
+        if largest > self.clips.crop_size:
+            # sample_track clips such a patch to the crop, which leaves its box little or no room to move.
+            raise ValueError(
+                f"proxy.scales contains {largest:g}, larger than clips.crop_size={self.clips.crop_size}, so patches of that scale do not fit inside the crop. "
+                f"Keep every scale <= {self.clips.crop_size} or raise clips.crop_size."
+            )
+
 
 # ------------------------------------------------------------------- task
 

