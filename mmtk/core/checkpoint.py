@@ -6,7 +6,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from mmtk.core.errors import InputError
 from mmtk.core.io import atomic_path
@@ -76,6 +76,32 @@ def _first_sentence(text: str, limit: int = 200) -> str:
     if len(sentence) > limit:
         sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
     return sentence
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], names_shown: int = 3) -> str | None:
+    """Describe how the tensors ``found`` differ from a model's ``expected`` state dict, or return None when they fit.
+
+    The description counts missing, unexpected and differently shaped
+    tensors and names the first few of each, so it stays short for a
+    file that lacks every weight.
+    """
+
+    def first_names(names: list[str]) -> str:
+        joined = ", ".join(names[:names_shown])
+        return f"{joined}, ..." if len(names) > names_shown else joined
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong_shape = sorted(name for name in set(expected) & set(found) if tuple(expected[name].shape) != tuple(found[name].shape))
+    details = []
+    if missing:
+        details.append(f"{len(missing)} missing tensors ({first_names(missing)})")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected tensors ({first_names(unexpected)})")
+    if wrong_shape:
+        name = wrong_shape[0]
+        details.append(f"{len(wrong_shape)} tensors of another shape (first: {name} {tuple(found[name].shape)} instead of {tuple(expected[name].shape)})")
+    return "; ".join(details) or None
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:

@@ -10,12 +10,14 @@ with one ``{"image": ..., "caption": ...}`` object per image (plus
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import torch
 
+from mmtk.core.checkpoint import load_checkpoint, state_dict_mismatch
 from mmtk.core.errors import InputError, RecipeError
 from mmtk.core.logging import get_logger
 from mmtk.core.recipe import param
@@ -81,48 +83,261 @@ def check_head_outputs(state: dict[str, Any], path: str | Path) -> None:
         )
 
 
-def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMAR:
-    """Load ``model.pt`` written by ``mmtk train-mmar``; raises InputError for a missing, foreign or broken file."""
-    from mmtk.core.checkpoint import load_checkpoint
-    from mmtk.mmar.data import CaptionVocabulary, load_base_tokenizer
-    from mmtk.mmar.model import MMAR, config_from_mapping
-    from mmtk.mmar.train import MODEL_FORMAT, TOOL
+MODEL_ENTRIES = ("mmar_config", "model", "lora", "autoencoder", "vocabulary", "image")
+# Trainer checkpoints carry a format entry too (CHECKPOINT_FORMAT, equal to MODEL_FORMAT), so these entries tell them apart.
+TRAINER_ENTRIES = ("step", "optimizer")
+MODEL_FILE_FIX = "The file is incomplete or was edited; pass the model.pt of a finished run."
+
+
+def _describe_value(value: Any) -> str:
+    """Describe ``value`` for a message: its type, and its repr when that is short."""
+    text = repr(value)
+    kind = type(value).__name__
+    return f"{kind} {text}" if len(text) <= 60 else kind
+
+
+def _first_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message, cut to 200 characters."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _is_count(value: Any, minimum: int = 1) -> bool:
+    """Return whether ``value`` is an int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    """Return whether ``value`` is a finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _entry_error(path: str | Path, entry: str, problem: str) -> InputError:
+    """Return the InputError for a model.pt entry with a wrong type or value."""
+    return InputError(f"{path}: entry '{entry}' {problem}. {MODEL_FILE_FIX}")
+
+
+def _check_mapping(path: str | Path, entry: str, value: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """Return ``value`` when it is a mapping that contains ``keys``, else raise InputError."""
+    if not isinstance(value, dict):
+        raise _entry_error(path, entry, f"must be a mapping with the keys {', '.join(keys)}, found {_describe_value(value)}")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise _entry_error(path, entry, f"is missing the keys {', '.join(missing)}")
+    return value
+
+
+def _check_config_entry(path: str | Path, state: dict[str, Any]) -> None:
+    config = _check_mapping(path, "mmar_config", state["mmar_config"], ("token_dim", "num_image_tokens", "backbone"))
+    for key in ("token_dim", "num_image_tokens"):
+        if not _is_count(config[key]):
+            raise _entry_error(path, f"mmar_config.{key}", f"must be a positive integer, found {_describe_value(config[key])}")
+    if not isinstance(config["backbone"], dict):
+        raise _entry_error(path, "mmar_config.backbone", f"must be a mapping of DecoderConfig fields, found {_describe_value(config['backbone'])}")
+    # MMAR builds with any image_attention string, and an unknown one fails only when sampling starts.
+    attention = config.get("image_attention", "bidirectional")
+    if attention not in ("bidirectional", "causal"):
+        raise _entry_error(path, "mmar_config.image_attention", f"must be 'bidirectional' or 'causal', found {_describe_value(attention)}")
+
+
+def _check_tensor_mapping(path: str | Path, entry: str, weights: Any) -> None:
+    if not isinstance(weights, dict):
+        raise _entry_error(path, entry, f"must map parameter names to tensors, found {_describe_value(weights)}")
+    for name, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            raise _entry_error(path, f"{entry}.{name}", f"must be a tensor, found {_describe_value(value)}")
+
+
+def _check_lora_entry(path: str | Path, state: dict[str, Any]) -> None:
+    lora = _check_mapping(path, "lora", state["lora"], ("rank", "alpha", "targets"))
+    if not _is_count(lora["rank"], minimum=0):
+        raise _entry_error(path, "lora.rank", f"must be an integer >= 0, found {_describe_value(lora['rank'])}")
+    if lora["alpha"] is not None and not _is_number(lora["alpha"]):
+        raise _entry_error(path, "lora.alpha", f"must be a number or None, found {_describe_value(lora['alpha'])}")
+    targets = lora["targets"]
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(target, str) for target in targets):
+        raise _entry_error(path, "lora.targets", f"must be a list of layer names, found {_describe_value(targets)}")
+
+
+def _check_autoencoder_entry(path: str | Path, state: dict[str, Any]) -> None:
+    entry = state["autoencoder"]
+    pixels = isinstance(entry, dict) and entry.get("kind") == "pixels"
+    entry = _check_mapping(path, "autoencoder", entry, ("kind", "scale_factor") if pixels else ("config", "autoencoder", "scale_factor"))
+    if not _is_number(entry["scale_factor"]) or entry["scale_factor"] <= 0:
+        raise _entry_error(path, "autoencoder.scale_factor", f"must be a positive number, found {_describe_value(entry['scale_factor'])}")
+    if pixels:
+        return
+    if not isinstance(entry["config"], dict):
+        raise _entry_error(path, "autoencoder.config", f"must be a mapping of AutoencoderConfig fields, found {_describe_value(entry['config'])}")
+    _check_tensor_mapping(path, "autoencoder.autoencoder", entry["autoencoder"])
+
+
+def _check_vocabulary_entry(path: str | Path, state: dict[str, Any]) -> None:
+    vocabulary = _check_mapping(path, "vocabulary", state["vocabulary"], ("tokenizer", "base_ids", "max_tokens"))
+    if not isinstance(vocabulary["tokenizer"], str) or not vocabulary["tokenizer"]:
+        raise _entry_error(path, "vocabulary.tokenizer", f"must name a tokenizer ('bundled', 'shapes', a .gguf file or a folder), found {_describe_value(vocabulary['tokenizer'])}")
+    base_ids = vocabulary["base_ids"]
+    if base_ids is not None and (not isinstance(base_ids, list) or not all(_is_count(i, minimum=0) for i in base_ids)):
+        raise _entry_error(path, "vocabulary.base_ids", f"must be a list of token ids or None, found {_describe_value(base_ids)}")
+    if not _is_count(vocabulary["max_tokens"]):
+        raise _entry_error(path, "vocabulary.max_tokens", f"must be a positive integer, found {_describe_value(vocabulary['max_tokens'])}")
+
+
+def _check_image_entry(path: str | Path, state: dict[str, Any]) -> None:
+    image = _check_mapping(path, "image", state["image"], ("patch_size", "latent_shape", "resolution"))
+    for key in ("patch_size", "resolution"):
+        if not _is_count(image[key]):
+            raise _entry_error(path, f"image.{key}", f"must be a positive integer, found {_describe_value(image[key])}")
+    shape = image["latent_shape"]
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(_is_count(size) for size in shape):
+        raise _entry_error(path, "image.latent_shape", f"must be three positive integers [channels, height, width], found {_describe_value(shape)}")
+
+
+SAMPLE_RULES = {
+    "iterations": ("a positive integer", _is_count),
+    "steps": ("a positive integer", _is_count),
+    "caption_tokens": ("a positive integer", _is_count),
+    "cfg": ("a number >= 0", lambda value: _is_number(value) and value >= 0),
+    "temperature": ("a number >= 0", lambda value: _is_number(value) and value >= 0),
+    "eta": ("a number in [0, 1]", lambda value: _is_number(value) and 0 <= value <= 1),
+    "cfg_schedule": ("'linear' or 'constant'", lambda value: value in ("linear", "constant")),
+}
+
+
+def _check_sample_entry(path: str | Path, state: dict[str, Any]) -> None:
+    sample = state.get("sample", {})
+    if not isinstance(sample, dict):
+        raise _entry_error(path, "sample", f"must be a mapping of sampling settings, found {_describe_value(sample)}")
+    for key, (expected, is_valid) in SAMPLE_RULES.items():
+        if key in sample and not is_valid(sample[key]):
+            raise _entry_error(path, f"sample.{key}", f"must be {expected}, found {_describe_value(sample[key])}")
+
+
+def check_model_file_entries(state: dict[str, Any], path: str | Path) -> None:
+    """Raise InputError when an entry of a train-mmar model.pt is missing or has the wrong type."""
+    missing = [entry for entry in MODEL_ENTRIES if entry not in state]
+    if missing:
+        raise InputError(f"{path} lacks the entries {', '.join(missing)} that mmtk train-mmar writes into model.pt, so the file is incomplete or was edited; pass the model.pt of a finished run.")
+    _check_config_entry(path, state)
+    _check_tensor_mapping(path, "model", state["model"])
+    _check_lora_entry(path, state)
+    _check_autoencoder_entry(path, state)
+    _check_vocabulary_entry(path, state)
+    _check_image_entry(path, state)
+    _check_sample_entry(path, state)
+
+
+def check_image_geometry(image: dict[str, Any], config: dict[str, Any], autoencoder: Any, path: str | Path) -> None:
+    """Raise InputError unless the ``image`` entry fits the autoencoder and the token count and size in ``mmar_config``.
+
+    The autoencoder turns R px images into C x R/f x R/f latents (f its
+    downsampling factor, C its latent channels). Patches of p x p latent
+    pixels then give (R/(f p))^2 tokens of C p^2 values each.
+    """
+    patch, resolution = image["patch_size"], image["resolution"]
+    channels, height, width = image["latent_shape"]
+    factor, latent_channels = autoencoder.config.downsample_factor, autoencoder.config.embed_dim
+    shape = f"image.latent_shape {list(image['latent_shape'])}"
+    if channels != latent_channels:
+        raise InputError(f"{path}: {shape} has {channels} channels, but the stored autoencoder makes latents with {latent_channels}. {MODEL_FILE_FIX}")
+    if resolution % factor:
+        raise InputError(f"{path}: image.resolution {resolution} px is not a multiple of the autoencoder's downsampling factor {factor}. {MODEL_FILE_FIX}")
+    side = resolution // factor
+    if (height, width) != (side, side):
+        raise InputError(f"{path}: {shape} does not match image.resolution {resolution} px, which the autoencoder (downsampling factor {factor}) turns into latents of {side}x{side}. {MODEL_FILE_FIX}")
+    if side % patch:
+        raise InputError(f"{path}: image.patch_size {patch} does not divide the {side}x{side} latent grid of {shape}. {MODEL_FILE_FIX}")
+    num_tokens, token_dim = (side // patch) ** 2, channels * patch * patch
+    if num_tokens != config["num_image_tokens"]:
+        raise InputError(f"{path}: {shape} with image.patch_size {patch} gives {num_tokens} image tokens, but mmar_config.num_image_tokens is {config['num_image_tokens']}. {MODEL_FILE_FIX}")
+    if token_dim != config["token_dim"]:
+        raise InputError(f"{path}: {shape} with image.patch_size {patch} gives tokens of dimension {token_dim}, but mmar_config.token_dim is {config['token_dim']}. {MODEL_FILE_FIX}")
+
+
+def _autoencoder_weights_mismatch(entry: dict[str, Any]) -> str | None:
+    """Describe how the stored autoencoder weights differ from those of its stored config, or return None."""
+    from mmtk.nn.autoencoder import AutoencoderConfig, KLAutoencoder
+
+    try:
+        expected = KLAutoencoder(AutoencoderConfig(**entry["config"])).state_dict()
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError):
+        return None
+    return state_dict_mismatch(expected, entry["autoencoder"])
+
+
+def _rebuild_autoencoder(state: dict[str, Any], path: str | Path) -> Any:
     from mmtk.mmar.tokens import image_tokenizer_from_state
+
+    try:
+        return image_tokenizer_from_state(state["autoencoder"])
+    except InputError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        mismatch = _autoencoder_weights_mismatch(state["autoencoder"]) if isinstance(cause, RuntimeError) else None
+        if mismatch is not None:
+            raise _entry_error(path, "autoencoder.autoencoder", f"does not match autoencoder.config: {mismatch}") from exc
+        raise _entry_error(path, "autoencoder", f"cannot be rebuilt ({type(cause).__name__}: {_first_line(cause)})") from exc
+
+
+def _rebuild_model(state: dict[str, Any], path: str | Path) -> Any:
+    from mmtk.mmar.model import MMAR, config_from_mapping
     from mmtk.nn.lora import add_lora
 
+    try:
+        model = MMAR(config_from_mapping(state["mmar_config"]))
+    except (TypeError, ValueError, KeyError, RuntimeError, ZeroDivisionError) as exc:
+        raise _entry_error(path, "mmar_config", f"does not describe a model that can be built ({type(exc).__name__}: {_first_line(exc)})") from exc
+    lora = state["lora"]
+    if lora["rank"] > 0:
+        try:
+            add_lora(model.backbone, lora["targets"], rank=lora["rank"], alpha=lora["alpha"], freeze_base=False)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _entry_error(path, "lora", f"does not fit the decoder ({type(exc).__name__}: {_first_line(exc)})") from exc
+    mismatch = state_dict_mismatch(model.state_dict(), state["model"])
+    if mismatch is not None:
+        raise _entry_error(path, "model", f"does not match mmar_config and lora: {mismatch}")
+    model.load_state_dict(state["model"])
+    model.backbone.tie_weights()
+    return model
+
+
+def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMAR:
+    """Load ``model.pt`` written by ``mmtk train-mmar``; raises InputError for a missing, foreign or broken file."""
+    from mmtk.mmar.data import CaptionVocabulary, load_base_tokenizer
+    from mmtk.mmar.train import MODEL_FORMAT, TOOL
+
     state = load_checkpoint(path, expected_tool=TOOL)
-    if state.get("format") != MODEL_FORMAT or "model" not in state:
+    if "mmar_config" not in state and all(entry in state for entry in TRAINER_ENTRIES):
+        raise InputError(f"{path} is a {TOOL} training checkpoint, not its final model.pt; pass the model.pt in the run folder.")
+    if state.get("format") != MODEL_FORMAT:
         raise InputError(f"{path} is a {TOOL} file but not its final model.pt (format {state.get('format')!r}); pass the model.pt of a finished run.")
+    check_model_file_entries(state, path)
     for section in ("model", "lora", "autoencoder"):
         bad = non_finite_tensor(state.get(section))
         if bad is not None:
             raise InputError(f"{path}: tensor '{section}.{bad}' contains NaN or infinite values, so the model cannot sample; retrain or use an earlier checkpoint.")
-    if "mmar_config" not in state:
-        raise InputError(f"{path} is a {TOOL} training checkpoint, not its final model.pt; pass the model.pt in the run folder.")
-    missing_sections = [section for section in ("lora", "autoencoder", "vocabulary", "image") if section not in state]
-    if missing_sections:
-        raise InputError(f"{path} lacks the entries {', '.join(missing_sections)} that mmtk train-mmar writes into model.pt, so the file is incomplete or was edited; pass the model.pt of a finished run.")
     check_head_outputs(state, path)
+
+    autoencoder = _rebuild_autoencoder(state, path)
+    image = state["image"]
+    check_image_geometry(image, state["mmar_config"], autoencoder, path)
+    model = _rebuild_model(state, path)
+
+    vocab_state = state["vocabulary"]
     try:
-        model = MMAR(config_from_mapping(state["mmar_config"]))
-        lora = state["lora"]
-        if lora["rank"] > 0:
-            add_lora(model.backbone, lora["targets"], rank=lora["rank"], alpha=lora["alpha"], freeze_base=False)
-        model.load_state_dict(state["model"])
-        model.backbone.tie_weights()
-        autoencoder = image_tokenizer_from_state(state["autoencoder"])
-        vocab_state = state["vocabulary"]
-        image = state["image"]
-    except KeyError as exc:
-        raise InputError(f"cannot rebuild the model from {path}: the entry {exc} is missing, so the file is incomplete or was edited; pass the model.pt of a finished run.") from exc
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"cannot rebuild the model from {path}: {exc}") from exc
-    tokenizer = load_base_tokenizer(vocab_state["tokenizer"])
-    vocabulary = CaptionVocabulary(tokenizer, vocab_state["base_ids"], int(vocab_state["max_tokens"]))
+        tokenizer = load_base_tokenizer(vocab_state["tokenizer"])
+    except InputError as exc:
+        raise InputError(
+            f"{path}: entry 'vocabulary.tokenizer' names the tokenizer {vocab_state['tokenizer']!r}, which cannot be loaded. "
+            f"The model needs the tokenizer it was trained with, so restore it at that path. Details: {exc}"
+        ) from exc
+    vocabulary = CaptionVocabulary(tokenizer, vocab_state["base_ids"], vocab_state["max_tokens"])
+    if vocabulary.base_ids is not None and vocabulary.size != model.backbone.config.vocab_size:
+        raise _entry_error(path, "vocabulary.base_ids", f"lists {vocabulary.size} token ids, but the decoder in mmar_config has {model.backbone.config.vocab_size}")
+
     model.to(device).eval()
     autoencoder.to(device).eval()
     log.info("loaded %s: %d image tokens of dimension %d, pred %s, learn_sigma %s", path, model.config.num_image_tokens, model.config.token_dim, model.config.parameterisation, model.config.learn_sigma)
-    return LoadedMMAR(model, autoencoder, vocabulary, int(image["patch_size"]), tuple(image["latent_shape"]), int(image["resolution"]), dict(state.get("sample", {})))
+    return LoadedMMAR(model, autoencoder, vocabulary, image["patch_size"], tuple(image["latent_shape"]), image["resolution"], dict(state.get("sample", {})))
 
 
 @torch.no_grad()

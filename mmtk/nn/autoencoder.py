@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmtk.core.checkpoint import state_dict_mismatch
 from mmtk.core.errors import InputError
 from mmtk.core.logging import get_logger
 
@@ -348,20 +349,9 @@ def load_autoencoder_weights(model: KLAutoencoder, path: str | Path) -> KLAutoen
         raise InputError(f"autoencoder weights {path} do not contain a mapping of tensors.")
 
     tensors = extract_state_dict(state)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong_shape:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing (first: {missing[0]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
-        if wrong_shape:
-            name = wrong_shape[0]
-            details.append(f"{len(wrong_shape)} of another shape (first: {name} {tuple(tensors[name].shape)} vs {tuple(expected[name].shape)})")
-        raise InputError(f"autoencoder weights {path} do not match the configured architecture: {'; '.join(details)}. Check the autoencoder preset.")
+    mismatch = state_dict_mismatch(model.state_dict(), tensors)
+    if mismatch is not None:
+        raise InputError(f"autoencoder weights {path} do not match the configured architecture: {mismatch}. Check the autoencoder preset.")
     model.load_state_dict(tensors)
     log.info("loaded autoencoder weights from %s (%d tensors)", path, len(tensors))
     return model

@@ -346,6 +346,100 @@ def test_generate_rejects_training_checkpoint(trained, cli, tmp_path):
     assert not out.exists()
 
 
+def _caption_from_state(state: dict, photo: Path, cli, tmp_path: Path):
+    """Save ``state`` as a model.pt, run mmar-caption on ``photo`` with it; return (result, out folder)."""
+    checkpoint = tmp_path / "model.pt"
+    torch.save(state, checkpoint)
+    out = tmp_path / "cap"
+    return cli("mmar-caption", "default", "--out", out, f"checkpoint={checkpoint}", f"images=[{photo}]", "max_tokens=4"), out
+
+
+def _set(entry: str, value):
+    """Return an edit of a model.pt state that sets ``entry`` (dotted for nested keys) to ``value``."""
+    def edit(state: dict) -> None:
+        *parents, key = entry.split(".")
+        for parent in parents:
+            state = state[parent]
+        state[key] = value
+
+    return edit
+
+
+def _delete(entry: str):
+    """Return an edit of a model.pt state that deletes ``entry`` (dotted for nested keys)."""
+    def edit(state: dict) -> None:
+        *parents, key = entry.split(".")
+        for parent in parents:
+            state = state[parent]
+        del state[key]
+
+    return edit
+
+
+BROKEN_MODEL_FILES = [
+    pytest.param(_set("image", "abc"), "entry 'image' must be a mapping with the keys patch_size, latent_shape, resolution, found str 'abc'", id="image-string"),
+    pytest.param(_delete("image.patch_size"), "entry 'image' is missing the keys patch_size", id="image-without-patch-size"),
+    pytest.param(_set("image.resolution", "x"), "entry 'image.resolution' must be a positive integer, found str 'x'", id="resolution-string"),
+    pytest.param(_set("image.latent_shape", [4, 9, 9]), "image.latent_shape [4, 9, 9] does not match image.resolution 32 px", id="latent-shape-9"),
+    pytest.param(_set("image.resolution", 64), "image.latent_shape [4, 8, 8] does not match image.resolution 64 px", id="resolution-64"),
+    pytest.param(_set("image.latent_shape", [8, 8, 8]), "has 8 channels, but the stored autoencoder makes latents with 4", id="latent-channels"),
+    pytest.param(_set("image.patch_size", 4), "gives 4 image tokens, but mmar_config.num_image_tokens is 16", id="patch-size-4"),
+    pytest.param(_set("vocabulary", [1, 2]), "entry 'vocabulary' must be a mapping with the keys tokenizer, base_ids, max_tokens, found list [1, 2]", id="vocabulary-list"),
+    pytest.param(_set("lora", "abc"), "entry 'lora' must be a mapping with the keys rank, alpha, targets, found str 'abc'", id="lora-string"),
+    pytest.param(_set("mmar_config.image_attention", "sideways"), "entry 'mmar_config.image_attention' must be 'bidirectional' or 'causal'", id="attention-unknown"),
+    pytest.param(_set("mmar_config", "x"), "entry 'mmar_config' must be a mapping with the keys token_dim, num_image_tokens, backbone, found str 'x'", id="config-string"),
+    pytest.param(_delete("mmar_config"), "lacks the entries mmar_config that mmtk train-mmar writes", id="config-deleted"),
+    pytest.param(_set("autoencoder", {}), "entry 'autoencoder' is missing the keys config, autoencoder, scale_factor", id="autoencoder-empty"),
+    pytest.param(_set("autoencoder.autoencoder", {}), "entry 'autoencoder.autoencoder' does not match autoencoder.config:", id="autoencoder-weights-empty"),
+    pytest.param(_set("sample", "abc"), "entry 'sample' must be a mapping of sampling settings", id="sample-string"),
+    pytest.param(_set("sample.iterations", "x"), "entry 'sample.iterations' must be a positive integer", id="iterations-string"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), BROKEN_MODEL_FILES)
+def test_generate_rejects_broken_entry(trained, cli, tmp_path, edit, message):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    edit(state)
+    result, out = _generate_from_state(state, cli, tmp_path)
+    assert result.exit_code == 2
+    assert message in flat(result.output)
+    assert "pass the model.pt of a finished run" in flat(result.output)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("edit", "message"), BROKEN_MODEL_FILES)
+def test_caption_rejects_broken_entry(trained, cli, tmp_path, edit, message):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    edit(state)
+    photo = sorted((trained["coco"] / "images").glob("*.jpg"))[0]
+    result, out = _caption_from_state(state, photo, cli, tmp_path)
+    assert result.exit_code == 2
+    assert message in flat(result.output)
+    assert "pass the model.pt of a finished run" in flat(result.output)
+    assert not out.exists()
+
+
+def test_generate_caps_missing_weight_list(trained, cli, tmp_path):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    count = len(state["model"])
+    state["model"] = {}
+    result, out = _generate_from_state(state, cli, tmp_path)
+    assert result.exit_code == 2
+    assert f"entry 'model' does not match mmar_config and lora: {count} missing tensors (" in flat(result.output)
+    assert len(flat(result.output)) < 500
+    assert not out.exists()
+
+
+def test_generate_rejects_short_vocabulary(trained, cli, tmp_path):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    size = len(state["vocabulary"]["base_ids"])
+    state["vocabulary"]["base_ids"] = state["vocabulary"]["base_ids"][:-1]
+    result, out = _generate_from_state(state, cli, tmp_path)
+    assert result.exit_code == 2
+    assert f"lists {size - 1} token ids, but the decoder in mmar_config has {size}" in flat(result.output)
+    assert not out.exists()
+
+
 def test_resume_matches_uninterrupted_run(trained, cli, tmp_path):
     args = tiny_mmar(trained["autoencoder"], trained["tokenizer"]) + [f"data.images={trained['coco']}", f"data.latent_cache={trained['run'] / 'latents.h5'}", "sample.num_images=0", "sample.num_captions=0"]
     full = tmp_path / "full"
@@ -380,3 +474,13 @@ def test_two_process_ddp_run(trained, tmp_path):
     assert summary["train"]["world_size"] == 2
     assert summary["train"]["steps"] == 4
     assert (out / "model.pt").is_file()
+
+
+def test_generate_rejects_missing_tokenizer(trained, cli, tmp_path):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    state["vocabulary"]["tokenizer"] = str(tmp_path / "moved-tokenizer")
+    result, out = _generate_from_state(state, cli, tmp_path)
+    assert result.exit_code == 2
+    assert "entry 'vocabulary.tokenizer' names the tokenizer" in flat(result.output)
+    assert "restore it at that path" in flat(result.output)
+    assert not out.exists()
