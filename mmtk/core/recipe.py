@@ -103,15 +103,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """The safe loader, except that a key given twice in one mapping is an error instead of the last one winning."""
 
     def construct_mapping(self, node, deep=False):
-        first_lines: dict[Any, int] = {}
+        first_seen: dict[Any, tuple[str, int]] = {}
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # merge keys ('<<') may be overridden by explicit keys
             key = self.construct_object(key_node)
             line = key_node.start_mark.line + 1
-            if key in first_lines:
-                raise _DuplicateKeyError(f"key '{key}' is given twice in one section (lines {first_lines[key]} and {line}); keep one of them.")
-            first_lines[key] = line
+            if key in first_seen:
+                text, first_line = first_seen[key]
+                if text == key_node.value:
+                    raise _DuplicateKeyError(f"key '{text}' is given twice in one section (lines {first_line} and {line}); keep one of them.")
+                # YAML reads keys such as yes/1 or 1/1.0 as the same value.
+                raise _DuplicateKeyError(
+                    f"keys '{text}' (line {first_line}) and '{key_node.value}' (line {line}) in one section are the same key once YAML reads them; "
+                    "quote them, for example \"yes\":, to keep them apart."
+                )
+            first_seen[key] = (key_node.value, line)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -326,9 +326,12 @@ def load_mmar(path: str | Path, device: torch.device | str = "cpu") -> LoadedMMA
     try:
         tokenizer = load_base_tokenizer(vocab_state["tokenizer"])
     except InputError as exc:
+        where = "that path"
+        if not Path(vocab_state["tokenizer"]).is_absolute():
+            where = "that path, which is relative to the folder train-mmar ran in (run this command from there)"
         raise InputError(
             f"{path}: entry 'vocabulary.tokenizer' names the tokenizer {vocab_state['tokenizer']!r}, which cannot be loaded. "
-            f"The model needs the tokenizer it was trained with, so restore it at that path. Details: {exc}"
+            f"The model needs the tokenizer it was trained with, so restore it at {where}. Details: {exc}"
         ) from exc
     vocabulary = CaptionVocabulary(tokenizer, vocab_state["base_ids"], vocab_state["max_tokens"])
     if vocabulary.base_ids is not None and vocabulary.size != model.backbone.config.vocab_size:

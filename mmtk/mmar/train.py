@@ -261,6 +261,13 @@ def build_model(recipe: MMARRecipe, vocabulary: CaptionVocabulary, token_dim: in
     return model
 
 
+def stored_tokenizer_source(source: str) -> str:
+    """Return the tokenizer source to store in model.pt: a file or folder path made absolute, so the file loads from any folder."""
+    if source in ("bundled", "shapes"):
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
 def model_file_state(model, ema, recipe: MMARRecipe, vocabulary: CaptionVocabulary, autoencoder, latent_shape: tuple[int, int, int]) -> dict[str, Any]:
     """Return the self-contained mapping saved as ``model.pt`` (EMA weights when EMA is on)."""
     from mmtk.core.recipe import to_dict
@@ -276,7 +283,7 @@ def model_file_state(model, ema, recipe: MMARRecipe, vocabulary: CaptionVocabula
         "mmar_config": model.config.to_dict(),
         "model": state,
         "lora": {"rank": recipe.backbone.lora_rank, "alpha": recipe.backbone.lora_alpha, "targets": list(recipe.backbone.lora_targets)},
-        "vocabulary": {"base_ids": vocabulary.base_ids, "tokenizer": recipe.text.tokenizer, "max_tokens": vocabulary.max_tokens},
+        "vocabulary": {"base_ids": vocabulary.base_ids, "tokenizer": stored_tokenizer_source(recipe.text.tokenizer), "max_tokens": vocabulary.max_tokens},
         "image": {"patch_size": recipe.autoencoder.patch_size, "latent_shape": list(latent_shape), "resolution": recipe.autoencoder.resolution},
         "autoencoder": image_tokenizer_state(autoencoder),
         "sample": to_dict(recipe.sample),

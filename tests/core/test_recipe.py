@@ -125,6 +125,7 @@ def test_malformed_yaml_and_non_mapping(tmp_path):
     [
         ("name: a\nseed: 1\nseed: 2\n", "key 'seed' is given twice in one section (lines 2 and 3)"),
         ("name: a\noptim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice in one section (lines 3 and 4)"),
+        ("name: a\nm:\n  1: 0.5\n  yes: 0.2\n", "keys '1' (line 3) and 'yes' (line 4) in one section are the same key"),
     ],
 )
 def test_duplicate_key_rejected(tmp_path, text, fragment):

@@ -484,3 +484,21 @@ def test_generate_rejects_missing_tokenizer(trained, cli, tmp_path):
     assert "entry 'vocabulary.tokenizer' names the tokenizer" in flat(result.output)
     assert "restore it at that path" in flat(result.output)
     assert not out.exists()
+
+
+def test_stored_tokenizer_path_is_absolute(tmp_path, monkeypatch):
+    from mmtk.mmar.train import stored_tokenizer_source
+
+    monkeypatch.chdir(tmp_path)
+    assert stored_tokenizer_source("tok") == str(tmp_path.resolve() / "tok")
+    assert stored_tokenizer_source("bundled") == "bundled"
+    assert stored_tokenizer_source("shapes") == "shapes"
+
+
+def test_generate_explains_relative_tokenizer_path(trained, cli, tmp_path):
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    state["vocabulary"]["tokenizer"] = "no-such-folder/tok"
+    result, out = _generate_from_state(state, cli, tmp_path)
+    assert result.exit_code == 2
+    assert "relative to the folder train-mmar ran in" in flat(result.output)
+    assert not out.exists()
