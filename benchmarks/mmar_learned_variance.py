@@ -1,9 +1,9 @@
 """Head-only density fit with and without a learned variance: sliced W1 of DDPM and DDIM samples.
 
 Each side trains the same adaLN head (width 128, 3 blocks) on the same
-4-class, 4-dimensional Gaussian mixture as the slow density-fit test
-(AdamW 1e-3, batches of 256, 4 noise draws per point, the same seed), once
-with ``learn_sigma`` off and once on. Both then sample 4000 points per
+4-class, 4-dimensional Gaussian mixture as the slow density-fit test. The
+training settings match too: AdamW 1e-3, batches of 256, 4 noise draws per
+point and the same seed. One side has ``learn_sigma`` off, the other on. Both then sample 4000 points per
 setting with the same noise, and the script prints the sliced Wasserstein-1
 distance to fresh data for DDPM (eta 1) at several step counts and for DDIM
 (eta 0). With 4000 samples the distance between two data sets is about 0.02.

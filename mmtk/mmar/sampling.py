@@ -134,7 +134,7 @@ def _check_config_entry(path: str | Path, state: dict[str, Any]) -> None:
             raise _entry_error(path, f"mmar_config.{key}", f"must be a positive integer, found {_describe_value(config[key])}")
     if not isinstance(config["backbone"], dict):
         raise _entry_error(path, "mmar_config.backbone", f"must be a mapping of DecoderConfig fields, found {_describe_value(config['backbone'])}")
-    # MMAR builds with any image_attention string, and an unknown one fails only when sampling starts.
+    # MMAR accepts any image_attention string when it is built, so an unknown value would fail only once sampling starts.
     attention = config.get("image_attention", "bidirectional")
     if attention not in ("bidirectional", "causal"):
         raise _entry_error(path, "mmar_config.image_attention", f"must be 'bidirectional' or 'causal', found {_describe_value(attention)}")
